@@ -1,0 +1,235 @@
+"""Typed, validated view of ``params.yaml``.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails at once with
+the key's dotted path in the message. Stages call :func:`load_params` before touching any
+output, so a bad value never destroys earlier results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from maprl.errors import ParamsError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for every random choice in the pipeline.")
+
+
+class EarthEngineParams(_Section):
+    project: str | None = Field(None, description="Google Cloud project registered for Earth Engine.")
+    credentials: Literal["persistent", "service_account"] = "persistent"
+    service_account: str | None = Field(None, description="Service-account e-mail (credentials: service_account).")
+    key_file: str | None = Field(None, description="Service-account JSON key (credentials: service_account).")
+    bbox: tuple[float, float, float, float] = Field(
+        (6.60, 46.50, 6.66, 46.54), description="west, south, east, north in degrees (EPSG:4326)."
+    )
+    start_date: str = "2023-05-01"
+    end_date: str = "2023-09-30"
+    collection: Literal["sentinel2", "naip"] = "sentinel2"
+    dem: Literal["srtm", "glo30"] = "glo30"
+    scale: float = Field(10.0, gt=0, le=1000, description="Ground sample distance of the download, metres.")
+    cloud_score_min: float = Field(0.6, ge=0, le=1, description="Cloud Score+ cs_cdf threshold (keep >=).")
+    max_request_px: int = Field(1024, ge=16, le=32768, description="Tile side per computePixels request.")
+    max_retries: int = Field(5, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check(self) -> EarthEngineParams:
+        w, s, e, n = self.bbox
+        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+            raise ValueError("bbox must be west < east and south < north, in degrees")
+        if self.credentials == "service_account" and not (self.service_account and self.key_file):
+            raise ValueError("credentials: service_account needs both service_account and key_file")
+        return self
+
+
+class FetchParams(_Section):
+    source: Literal["synthetic", "file", "earthengine"] = "synthetic"
+    size: int = Field(2048, ge=64, le=16384, description="Synthetic world side, pixels.")
+    metres_per_pixel: float = Field(1.0, gt=0, le=1000, description="Synthetic ground sample distance.")
+    center_lat: float = Field(46.52, ge=-80, le=84, description="Synthetic world centre latitude (UTM range).")
+    center_lon: float = Field(6.63, ge=-180, le=180, description="Synthetic world centre longitude.")
+    path: str | None = Field(None, description="Image to read when source is file (GeoTIFF, JPEG, PNG).")
+    resample: float = Field(1.0, gt=0, le=8, description="Scale factor applied when reading a file (0.5 halves).")
+    earthengine: EarthEngineParams = EarthEngineParams()
+
+    @model_validator(mode="after")
+    def _check(self) -> FetchParams:
+        if self.source == "file" and not self.path:
+            raise ValueError("source: file needs fetch.path, the image to read")
+        return self
+
+
+class TileParams(_Section):
+    n_targets: int = Field(500, ge=2, le=100_000, description="Target crops to sample.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Share of targets held out for test.")
+    mode: Literal["spatial", "random"] = "spatial"
+    block_size: int = Field(512, ge=16, description="Side of the spatial split blocks, pixels.")
+    view_size: int = Field(224, ge=8, le=1024, description="Side of a view / target crop, pixels.")
+    write_crops: bool = Field(True, description="Write each target crop as a PNG.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TileParams:
+        if self.mode == "spatial" and self.block_size <= self.view_size:
+            raise ValueError("block_size must be larger than view_size so whole views fit inside a block")
+        return self
+
+
+class EnvParams(_Section):
+    action_step: float = Field(0.05, gt=0, le=1, description="Largest move per step, fraction of the map side.")
+    max_steps: int = Field(1000, ge=1, le=100_000)
+    similarity: Literal["pooled", "pixels"] = Field("pooled", description="Feature space for similarity.")
+    bonus_threshold: float = Field(0.90, ge=-1, lt=1)
+    bonus_scale: float = Field(10.0, ge=0)
+    success_threshold: float = Field(0.98, ge=-1, le=1)
+    success_bonus: float = Field(100.0, ge=0)
+    step_penalty: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvParams:
+        if self.success_threshold < self.bonus_threshold:
+            raise ValueError("success_threshold must be >= bonus_threshold")
+        return self
+
+
+class EncoderParams(_Section):
+    kind: Literal["pooled", "mobilenet_v2", "nature_cnn", "impala_cnn"] = Field(
+        "mobilenet_v2", description="Feature space for similarity, retrieval and policy inputs."
+    )
+    weights: Literal["imagenet", "ssl", "random"] = Field("ssl", description="Encoder initialisation.")
+    input_size: int = Field(112, ge=32, le=448, description="Encoder input side, pixels (views are resized).")
+    cache_stride: int = Field(16, ge=4, le=256, description="Grid spacing of the dense feature cache, pixels.")
+    ssl_steps: int = Field(300, ge=0, le=100_000, description="Contrastive pretraining steps (weights: ssl).")
+    ssl_batch_size: int = Field(64, ge=4, le=1024)
+    ssl_lr: float = Field(1e-3, gt=0, le=1)
+    torch_threads: int = Field(2, ge=1, le=256)
+
+
+class AgentParams(_Section):
+    obs: Literal["features", "pixels"] = Field("features", description="features: cached embeddings; pixels: 2 views.")
+    memory: Literal["retrieval", "none"] = Field("retrieval", description="Map memory fed to the policy.")
+    n_candidates: int = Field(3, ge=1, le=16, description="Retrieval candidates in the observation.")
+    include_position: bool = True
+    include_prev_action: bool = True
+
+
+class TrainParams(_Section):
+    algo: Literal["ppo", "recurrent_ppo"] = "ppo"
+    total_timesteps: int = Field(300_000, ge=64, le=1_000_000_000)
+    n_envs: int = Field(32, ge=1, le=4096)
+    max_steps: int = Field(100, ge=1, le=100_000, description="Episode step budget while training.")
+    shaping: float = Field(1.0, ge=0, description="Potential-based distance shaping weight (0 = seed reward).")
+    learning_rate: float = Field(3e-4, gt=0, le=1)
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    n_steps: int = Field(128, ge=8, le=1_000_000)
+    batch_size: int = Field(512, ge=8, le=1_000_000)
+    n_epochs: int = Field(5, ge=1, le=100)
+    gamma: float = Field(0.98, gt=0, lt=1)
+    gae_lambda: float = Field(0.95, gt=0, le=1)
+    clip_range: float = Field(0.2, gt=0, le=1)
+    ent_coef: float = Field(0.0, ge=0, le=1)
+    vf_coef: float = Field(0.5, ge=0, le=10)
+    max_grad_norm: float = Field(0.5, gt=0, le=100)
+    eval_freq: int = Field(20_000, ge=1, description="Timesteps between periodic evaluations.")
+    eval_episodes: int = Field(64, ge=1, le=10_000, description="Episodes per periodic evaluation and split.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of train targets held out for validation.")
+    checkpoint_freq: int = Field(50_000, ge=1, description="Timesteps between checkpoints.")
+    resume: bool = Field(True, description="Continue from the last checkpoint after a killed run.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (pip install maprl[tensorboard]).")
+    torch_threads: int = Field(1, ge=1, le=256)
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainParams:
+        if self.batch_size > self.n_steps * self.n_envs:
+            raise ValueError("batch_size must be <= n_steps * n_envs (one rollout)")
+        return self
+
+
+class EvaluateParams(_Section):
+    episodes: int = Field(200, ge=1, le=100_000, description="Fixed episodes per split.")
+    max_steps: int = Field(100, ge=1, le=100_000, description="Step budget per episode.")
+    success_radius: float = Field(56.0, gt=0, description="Ground-truth success radius, pixels.")
+    distance_bins: list[float] = Field([250, 500, 1000], description="Start-distance bin edges, pixels.")
+    gif_steps: int = Field(60, ge=2, le=1000)
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    fetch: FetchParams = FetchParams()
+    tile: TileParams = TileParams()
+    env: EnvParams = EnvParams()
+    encoder: EncoderParams = EncoderParams()
+    agent: AgentParams = AgentParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against the README's params table"
+        got = e.get("input")
+        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate an already-loaded mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ParamsError` naming the bad key."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} does not exist; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
+
+
+def _type_name(ann: Any) -> str:
+    if get_origin(ann) is Literal:
+        return " \\| ".join(str(a) for a in get_args(ann))
+    name = getattr(ann, "__name__", None) if get_origin(ann) is None else None
+    return name or str(ann).replace("typing.", "").replace("|", "\\|")
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += _rows(ann, key)
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append(f"| `{key}` | `{default!r}` | {_type_name(ann)} | {field.description or ''} |")
+    return rows
+
+
+def params_table() -> str:
+    """The README's params table, generated from the models (a test keeps them in sync)."""
+    return "\n".join(["| key | default | type | meaning |", "|---|---|---|---|", *_rows(Params, "")])

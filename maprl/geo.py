@@ -1,0 +1,151 @@
+"""Geo I/O: the map GeoTIFF, its JSON sidecar, coordinate transforms and atomic writes.
+
+The map on disk is a 4-band float32 GeoTIFF: bands 1-3 are red, green and blue in the
+0-255 display range, band 4 is elevation in metres. ``NODATA`` marks pixels with no
+imagery; later stages never sample a view that touches one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import RasterioIOError
+from rasterio.transform import Affine
+from rasterio.warp import transform as warp_transform
+
+from maprl.errors import InputError
+
+NODATA = -9999.0
+BAND_NAMES = ("red", "green", "blue", "elevation")
+
+
+@dataclass
+class MapData:
+    """A map held in memory, ready for sampling views."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8
+    elevation: np.ndarray  # (H, W) float32, metres
+    valid: np.ndarray  # (H, W) bool, True where imagery exists
+    transform: Affine
+    crs: CRS | None  # None for a plain pixel grid
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def metres_per_pixel(self) -> float:
+        return float(abs(self.transform.a))
+
+    def pixel_to_lonlat(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel centres (column x, row y, fractional allowed) to lon/lat degrees."""
+        t = self.transform
+        col, row = np.asarray(x, float) + 0.5, np.asarray(y, float) + 0.5
+        xs, ys = t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+        if self.crs is None:
+            return np.full_like(np.asarray(xs, float), np.nan), np.full_like(np.asarray(ys, float), np.nan)
+        lon, lat = warp_transform(self.crs, "EPSG:4326", np.atleast_1d(xs).tolist(), np.atleast_1d(ys).tolist())
+        return np.asarray(lon), np.asarray(lat)
+
+
+def utm_crs(lat: float, lon: float) -> CRS:
+    """The WGS84 UTM zone CRS containing a point."""
+    zone = int((lon + 180) // 6) % 60 + 1
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
+def lonlat_to_crs(crs: CRS, lon: float, lat: float) -> tuple[float, float]:
+    xs, ys = warp_transform("EPSG:4326", crs, [lon], [lat])
+    return float(xs[0]), float(ys[0])
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_map(
+    path: str | Path,
+    rgb: np.ndarray,
+    elevation: np.ndarray,
+    transform: Affine,
+    crs: CRS | None,
+    valid: np.ndarray | None = None,
+) -> None:
+    """Write the 4-band map GeoTIFF atomically; pixels where ``valid`` is False get NODATA."""
+    h, w = elevation.shape
+    data = np.empty((4, h, w), np.float32)
+    data[:3] = np.moveaxis(rgb, -1, 0)
+    data[3] = elevation
+    if valid is not None:
+        data[:, ~valid] = NODATA
+    profile = {
+        "driver": "GTiff",
+        "width": w,
+        "height": h,
+        "count": 4,
+        "dtype": "float32",
+        "crs": crs,
+        "transform": transform,
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "predictor": 3,
+    }
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = BAND_NAMES
+        dst.update_tags(4, units="metres")
+
+
+def read_map(path: str | Path) -> MapData:
+    """Read the map GeoTIFF written by the fetch stage."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"map {path} does not exist; run `dvc repro fetch` first")
+    try:
+        with rasterio.open(path) as src:
+            if src.count < 4:
+                raise InputError(f"map {path} has {src.count} bands; expected red, green, blue, elevation")
+            data = src.read(out_dtype=np.float32)
+            transform, crs, nodata = src.transform, src.crs, src.nodata
+    except RasterioIOError as err:
+        raise InputError(f"cannot read map {path}: {err}") from None
+    valid = np.ones(data.shape[1:], bool) if nodata is None else ~np.any(data == nodata, axis=0)
+    valid &= np.all(np.isfinite(data), axis=0)
+    rgb = np.clip(np.nan_to_num(np.moveaxis(data[:3], 0, -1)), 0, 255).astype(np.uint8)
+    elevation = np.where(valid, data[3], np.nan).astype(np.float32)
+    return MapData(rgb=rgb, elevation=elevation, valid=valid, transform=transform, crs=crs)

@@ -1,0 +1,113 @@
+"""Drawing helpers for renders, trajectory pictures and README figures (numpy + matplotlib)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Colour = tuple[int, int, int]
+
+
+def downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Block-average an image so its longer side is at most ``max_side``; returns (image, scale)."""
+    k = max(1, int(np.ceil(max(rgb.shape[:2]) / max_side)))
+    h, w = rgb.shape[0] // k * k, rgb.shape[1] // k * k
+    small = rgb[:h, :w].reshape(h // k, k, w // k, k, -1).mean(axis=(1, 3))
+    return small.astype(np.uint8), 1.0 / k
+
+
+def draw_line(img: np.ndarray, p0: Sequence[float], p1: Sequence[float], colour: Colour, width: int = 1) -> None:
+    """Draw a straight segment in place (pixel coordinates x, y)."""
+    n = int(max(abs(p1[0] - p0[0]), abs(p1[1] - p0[1]))) + 1
+    xs = np.rint(np.linspace(p0[0], p1[0], n)).astype(int)
+    ys = np.rint(np.linspace(p0[1], p1[1], n)).astype(int)
+    r = width // 2
+    for dx in range(-r, width - r):
+        for dy in range(-r, width - r):
+            x, y = xs + dx, ys + dy
+            keep = (x >= 0) & (y >= 0) & (x < img.shape[1]) & (y < img.shape[0])
+            img[y[keep], x[keep]] = colour
+
+
+def draw_polyline(img: np.ndarray, pts: Sequence[Sequence[float]], colour: Colour, width: int = 1) -> None:
+    for a, b in itertools.pairwise(pts):
+        draw_line(img, a, b, colour, width)
+
+
+def draw_box(img: np.ndarray, cx: float, cy: float, side: float, colour: Colour, width: int = 2) -> None:
+    """Draw the outline of a square view of side ``side`` centred at (cx, cy)."""
+    h = side / 2
+    corners = [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h), (cx - h, cy - h)]
+    draw_polyline(img, corners, colour, width)
+
+
+def render_episode(
+    rgb: np.ndarray,
+    path: Sequence[Sequence[float]],
+    target: Sequence[float],
+    view_size: int,
+    max_side: int = 512,
+) -> np.ndarray:
+    """The map with the path flown (yellow), the current view (cyan) and the target (red)."""
+    img, s = downscale(rgb, max_side)
+    img = img.copy()
+    pts = [(x * s, y * s) for x, y in path]
+    if len(pts) > 1:
+        draw_polyline(img, pts, (255, 220, 0), 2)
+    draw_box(img, target[0] * s, target[1] * s, view_size * s, (255, 40, 40))
+    if pts:
+        draw_box(img, pts[-1][0], pts[-1][1], view_size * s, (0, 230, 255))
+    return img
+
+
+def save_preview(
+    rgb: np.ndarray,
+    elevation: np.ndarray,
+    targets: pd.DataFrame,
+    crops: Sequence[np.ndarray],
+    path: str,
+    title: str = "",
+) -> None:
+    """README figure: the map, its elevation band, targets by split, and sample target crops."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(15, 7.6), dpi=90)
+    grid = fig.add_gridspec(2, max(3, len(crops)), height_ratios=[3, 1])
+    n = max(3, len(crops))
+    span = n // 3
+    ax_map = fig.add_subplot(grid[0, :span])
+    ax_map.imshow(rgb)
+    ax_map.set_title("RGB (map.tif bands 1-3)")
+    ax_elev = fig.add_subplot(grid[0, span : 2 * span])
+    im = ax_elev.imshow(elevation, cmap="terrain")
+    fig.colorbar(im, ax=ax_elev, fraction=0.046, label="elevation, m")
+    ax_elev.set_title("elevation (band 4)")
+    ax_t = fig.add_subplot(grid[0, 2 * span :])
+    ax_t.imshow(rgb, alpha=0.6)
+    for split, colour in (("train", "tab:blue"), ("test", "tab:red")):
+        sel = targets[targets["split"] == split]
+        ax_t.scatter(sel["x"], sel["y"], s=6, c=colour, label=f"{split} ({len(sel)})")
+    ax_t.legend(loc="lower right", fontsize=8)
+    ax_t.set_title("target centres by split")
+    for i, crop in enumerate(crops):
+        ax = fig.add_subplot(grid[1, i])
+        ax.imshow(crop)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in (ax_map, ax_elev, ax_t):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

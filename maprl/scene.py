@@ -1,0 +1,95 @@
+"""A ``Scene`` is one map prepared for navigation: pixels, valid area, features, targets.
+
+It is built once and shared by every environment copy (and the batched vector env), so
+per-env memory stays small and a step is only a feature lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from maprl.features import FeatureSpace, crop_views, make_feature_space, valid_centres, view_origin
+from maprl.geo import MapData
+
+
+@dataclass
+class Scene:
+    map: MapData
+    targets: pd.DataFrame  # columns id, x, y, split (at least)
+    space: FeatureSpace
+    view_size: int
+    ok: np.ndarray = field(init=False)  # (H, W) bool valid view centres
+    lo: float = field(init=False)
+    hi_x: float = field(init=False)
+    hi_y: float = field(init=False)
+    _target_embs: np.ndarray | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ok = valid_centres(self.map.valid, self.view_size)
+        if not self.ok.any():
+            raise ValueError("no position on this map has a whole valid view; the map is too small or empty")
+        v = self.view_size
+        self.lo = v / 2 - 0.5
+        self.hi_x = self.map.width - v / 2 - 0.5
+        self.hi_y = self.map.height - v / 2 - 0.5
+
+    @classmethod
+    def build(cls, m: MapData, targets: pd.DataFrame, view_size: int, similarity: str = "pooled") -> Scene:
+        return cls(m, targets.reset_index(drop=True), make_feature_space(similarity, m.rgb, view_size), view_size)
+
+    @property
+    def step_scale(self) -> float:
+        """Pixels per unit of ``action_step``: the map's shorter side."""
+        return float(min(self.map.width, self.map.height))
+
+    def clip(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.clip(xs, self.lo, self.hi_x), np.clip(ys, self.lo, self.hi_y)
+
+    def is_valid(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        x0, y0 = view_origin(xs, ys, self.view_size)
+        half = self.view_size // 2
+        return self.ok[y0 + half, x0 + half]
+
+    def move(self, xs: np.ndarray, ys: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Apply a move, clip it to the map, and stay put where the new view would touch nodata."""
+        nx, ny = self.clip(xs + dx, ys + dy)
+        keep = self.is_valid(nx, ny)
+        return np.where(keep, nx, xs), np.where(keep, ny, ys)
+
+    def sample_start(self, rng: np.random.Generator) -> tuple[float, float]:
+        """Uniform valid centre, by rejection sampling (falls back to an exhaustive draw)."""
+        for _ in range(1000):
+            x, y = rng.uniform(self.lo, self.hi_x), rng.uniform(self.lo, self.hi_y)
+            if self.is_valid(np.array([x]), np.array([y]))[0]:
+                return float(x), float(y)
+        ys, xs = np.nonzero(self.ok)
+        i = rng.integers(len(xs))
+        return float(xs[i]), float(ys[i])
+
+    def view(self, x: float, y: float) -> np.ndarray:
+        return crop_views(self.map.rgb, np.array([x]), np.array([y]), self.view_size)[0]
+
+    def target_embeddings(self, batch: int = 64) -> np.ndarray:
+        """(T, D) embeddings of every target crop, from its pixels (computed once)."""
+        if self._target_embs is None:
+            xy = self.targets[["x", "y"]].to_numpy(float)
+            chunks = [
+                self.space.embed_view(
+                    crop_views(self.map.rgb, xy[i : i + batch, 0], xy[i : i + batch, 1], self.view_size)
+                )
+                for i in range(0, len(xy), batch)
+            ]
+            self._target_embs = np.concatenate(chunks) if chunks else np.zeros((0, self.space.dim), np.float32)
+        return self._target_embs
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """Row indices of the targets of a split (``all`` for every target)."""
+        if split == "all":
+            return np.arange(len(self.targets))
+        rows = np.flatnonzero(self.targets["split"].to_numpy() == split)
+        if len(rows) == 0:
+            raise ValueError(f"no targets in split {split!r}")
+        return rows

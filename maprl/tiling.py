@@ -1,0 +1,167 @@
+"""The ``tile`` stage: where to put target views, then their pixels, then the split.
+
+Following torchgeo's samplers, *where to sample* (:func:`sample_targets`, pure geometry on
+the valid-centre mask with an explicit RNG) is separate from *reading pixels*
+(:func:`write_crops`).
+
+Split modes:
+
+* ``spatial`` (default): the map is cut into ``block_size`` blocks, whole blocks go to test,
+  and every target view lies wholly inside one block. No training crop overlaps a test
+  crop, so test success measures finding places the agent never saw as targets.
+* ``random``: the original design; test crops anywhere, so they often overlap training
+  crops and test numbers flatter the agent.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from maprl.config import Params, TileParams
+from maprl.errors import InputError
+from maprl.features import crop_views, valid_centres
+from maprl.geo import MapData, atomic_path, read_map, write_json
+
+COLUMNS = ["id", "x", "y", "lon", "lat", "split", "block", "texture"]
+
+
+def _pick(candidates: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw n flat indices from a candidate list (with replacement only if it is too short)."""
+    return candidates[rng.choice(len(candidates), size=n, replace=n > len(candidates))]
+
+
+def block_interiors(ok: np.ndarray, block: int, view: int) -> np.ndarray:
+    """Block id per pixel where a centred view lies wholly inside that block, else -1."""
+    h, w = ok.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    bx, by = xs // block, ys // block
+    half = view // 2
+    inside = ((xs - half) >= bx * block) & ((xs - half + view) <= np.minimum((bx + 1) * block, w))
+    inside &= ((ys - half) >= by * block) & ((ys - half + view) <= np.minimum((by + 1) * block, h))
+    nbx = -(-w // block)
+    return np.where(ok & inside, by * nbx + bx, -1)
+
+
+def _split_blocks(block_ids: np.ndarray, fraction: float, rng: np.random.Generator) -> set[int]:
+    blocks = np.unique(block_ids[block_ids >= 0])
+    if len(blocks) < 2:
+        raise InputError(
+            f"tile.block_size: only {len(blocks)} block(s) can hold a whole view; "
+            "lower tile.block_size or use tile.mode: random"
+        )
+    n_test = int(np.clip(round(len(blocks) * fraction), 1, len(blocks) - 1))
+    return {int(b) for b in rng.permutation(blocks)[:n_test]}
+
+
+def sample_targets(ok: np.ndarray, p: TileParams, rng: np.random.Generator) -> pd.DataFrame:
+    """Choose target centres and their split (no pixels read). ``ok`` is the valid-centre mask."""
+    n_test = int(np.clip(round(p.n_targets * p.test_fraction), 1, p.n_targets - 1))
+    if p.mode == "random":
+        flat = np.flatnonzero(ok)
+        if len(flat) == 0:
+            raise InputError("the map has no valid area for a whole view; check nodata or tile.view_size")
+        idx = _pick(flat, p.n_targets, rng)
+        split = np.array(["test"] * n_test + ["train"] * (p.n_targets - n_test))
+        block = np.full(p.n_targets, -1)
+    else:
+        ids = block_interiors(ok, p.block_size, p.view_size)
+        test_blocks = _split_blocks(ids, p.test_fraction, rng)
+        is_test = np.isin(ids, list(test_blocks))
+        idx = np.concatenate(
+            [
+                _pick(np.flatnonzero(is_test), n_test, rng),
+                _pick(np.flatnonzero((ids >= 0) & ~is_test), p.n_targets - n_test, rng),
+            ]
+        )
+        split = np.array(["test"] * n_test + ["train"] * (p.n_targets - n_test))
+        block = ids.ravel()[idx]
+    order = rng.permutation(p.n_targets)
+    ys, xs = np.unravel_index(idx[order], ok.shape)
+    return pd.DataFrame(
+        {
+            "id": np.arange(p.n_targets),
+            "x": xs.astype(float),
+            "y": ys.astype(float),
+            "split": split[order],
+            "block": block[order],
+        }
+    )
+
+
+def texture(views: np.ndarray) -> np.ndarray:
+    """Difficulty hint: mean gradient magnitude of the grey view (low = featureless, harder)."""
+    grey = views.astype(np.float32).mean(axis=-1)
+    gx = np.abs(np.diff(grey, axis=2)).mean(axis=(1, 2))
+    gy = np.abs(np.diff(grey, axis=1)).mean(axis=(1, 2))
+    return gx + gy
+
+
+def write_crops(m: MapData, targets: pd.DataFrame, view: int, crops_dir: Path | None) -> np.ndarray:
+    """Read target pixels; write one PNG per target when ``crops_dir`` is given. Returns texture."""
+    tex = np.empty(len(targets))
+    if crops_dir is not None:
+        crops_dir.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, len(targets), 64), desc="crops", unit="batch", leave=False):
+        rows = targets.iloc[start : start + 64]
+        views = crop_views(m.rgb, rows["x"].to_numpy(), rows["y"].to_numpy(), view)
+        tex[start : start + len(rows)] = texture(views)
+        if crops_dir is not None:
+            for tid, v in zip(rows["id"], views, strict=True):
+                iio.imwrite(crops_dir / f"{int(tid):05d}.png", v)
+    return tex
+
+
+def build_targets(m: MapData, p: TileParams, seed: int, crops_dir: Path | None) -> pd.DataFrame:
+    ok = valid_centres(m.valid, p.view_size)
+    targets = sample_targets(ok, p, np.random.default_rng(seed))
+    lon, lat = m.pixel_to_lonlat(targets["x"].to_numpy(), targets["y"].to_numpy())
+    targets["lon"], targets["lat"] = lon, lat
+    targets["texture"] = write_crops(m, targets, p.view_size, crops_dir)
+    return targets[COLUMNS]
+
+
+def read_targets(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"targets {path} do not exist; run `dvc repro tile` first")
+    return pd.read_csv(path)
+
+
+def run_tile(params: Params, map_path: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
+    """Run the tile stage: ``targets.csv`` (+ crops/) in ``out_dir`` and split metrics."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    m = read_map(map_path)
+    p = params.tile
+    crops = out_dir / "crops" if p.write_crops else None
+    targets = build_targets(m, p, params.base.seed, crops)
+    with atomic_path(out_dir / "targets.csv") as tmp:
+        targets.to_csv(tmp, index=False, float_format="%.7f")
+    counts = targets["split"].value_counts()
+    metrics = {
+        "n_train": int(counts.get("train", 0)),
+        "n_test": int(counts.get("test", 0)),
+        "test_fraction": float(counts.get("test", 0) / len(targets)),
+        "mode": p.mode,
+        "n_test_blocks": int(targets.loc[targets["split"] == "test", "block"].nunique()) if p.mode == "spatial" else 0,
+    }
+    write_preview(m, targets, p.view_size, out_dir / "preview.png")
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def write_preview(m: MapData, targets: pd.DataFrame, view: int, path: Path, n_crops: int = 8) -> None:
+    """The README picture: map, elevation, targets by split and a sample of target crops."""
+    from maprl.plotting import save_preview
+
+    sample = targets.groupby("split", group_keys=False).head(n_crops // 2)
+    crops = list(crop_views(m.rgb, sample["x"].to_numpy(), sample["y"].to_numpy(), view))
+    with atomic_path(path) as tmp:
+        save_preview(m.rgb, m.elevation, targets, crops, str(tmp), title="maprl default world and targets")

@@ -1,0 +1,112 @@
+"""``NavVecEnv``: an SB3 ``VecEnv`` stepping N agents at once with numpy on the feature cache.
+
+It behaves exactly like N copies of ``SatelliteNavEnv(obs="features")`` wrapped in a
+``TimeLimit`` and SB3's ``DummyVecEnv`` (auto-reset, ``terminal_observation``,
+``TimeLimit.truncated``); ``tests/test_vecenv.py`` checks this step by step. Agent i draws
+its episodes from its own generator, ``SeedSequence(seed).spawn(n)[i]``, unless a fixed
+episode list is given with :meth:`set_episodes` (evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, VecEnvStepReturn
+
+from maprl.env import feature_obs_space
+from maprl.memory import MapMemory
+from maprl.navcore import NavConfig, NavCore
+from maprl.scene import Scene
+
+
+class NavVecEnv(VecEnv):
+    def __init__(
+        self,
+        scene: Scene,
+        n_envs: int,
+        config: NavConfig,
+        *,
+        split: str = "train",
+        memory: MapMemory | None = None,
+        seed: int = 0,
+    ) -> None:
+        if config.max_steps is None:
+            raise ValueError("the vector env needs config.max_steps")
+        self.scene, self.cfg = scene, config
+        self.core = NavCore(scene, n_envs, config, memory)
+        self.rows = scene.split_rows(split)
+        obs_space = feature_obs_space(scene.space.dim, config.nav_dim())
+        self.render_mode = None
+        super().__init__(n_envs, obs_space, gym.spaces.Box(-1.0, 1.0, (2,), np.float32))
+        self._rngs = self._make_rngs(seed)
+        self._episodes: list[tuple[int, float, float]] | None = None
+        self._actions = np.zeros((n_envs, 2), np.float32)
+
+    def _make_rngs(self, seed: int | None) -> list[np.random.Generator]:
+        return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(self.num_envs)]
+
+    # -- episodes ---------------------------------------------------------------------------
+    def set_episodes(self, episodes: Sequence[tuple[int, float, float]]) -> None:
+        """Fix the next episodes as (target row, start x, start y); agent i gets episode i first."""
+        self._episodes = list(episodes)
+
+    def _draw(self, i: int) -> tuple[int, np.ndarray]:
+        if self._episodes:
+            row, x, y = self._episodes.pop(0)
+            return int(row), np.array([x, y], float)
+        rng = self._rngs[i]
+        row = int(self.rows[rng.integers(len(self.rows))])
+        return row, np.array(self.scene.sample_start(rng), float)
+
+    def _reset_idx(self, idx: Iterable[int]) -> None:
+        idx = np.fromiter(idx, np.int64)
+        if len(idx) == 0:
+            return
+        drawn = [self._draw(int(i)) for i in idx]
+        self.core.reset_agents(idx, np.array([r for r, _ in drawn]), np.stack([s for _, s in drawn]))
+
+    # -- VecEnv API -------------------------------------------------------------------------
+    def reset(self) -> VecEnvObs:
+        if self._seeds[0] is not None:
+            self._rngs = self._make_rngs(self._seeds[0])
+        self._reset_seeds()
+        self._reset_idx(range(self.num_envs))
+        return self.core.observe()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions, np.float32)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        reward, terminated, truncated = self.core.step(self._actions)
+        done = terminated | truncated
+        obs = self.core.observe()
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        for i in np.flatnonzero(done):
+            infos[i] = self.core.info(int(i))
+            infos[i]["terminal_observation"] = {k: v[i].copy() for k, v in obs.items()}
+            infos[i]["TimeLimit.truncated"] = bool(truncated[i])
+        if done.any():
+            self._reset_idx(np.flatnonzero(done))
+            obs = self.core.observe()
+        return obs, reward.astype(np.float32), done, infos
+
+    def close(self) -> None:
+        return None
+
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        return [getattr(self, attr_name) for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
+        return [getattr(self, method_name)(*args, **kwargs) for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None] * self.num_envs

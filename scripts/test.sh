@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Lint, type-check and run the default (fast) test suite with the project's .venv.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+set -e
+ruff check .
+ruff format --check maprl pipeline benchmarks tests
+mypy
+set +e
+python -m pytest "$@"
+code=$?
+if [ "$code" -eq 5 ]; then
+  echo "pytest collected no tests: the selection is empty, which is a failure here" >&2
+  exit 1
+fi
+exit "$code"

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from maprl.config import Params, load_params, parse_params
+from maprl.errors import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+BAD = [
+    ({"tile": {"test_fraction": 1.5}}, "tile.test_fraction"),
+    ({"tile": {"test_fraction": "lots"}}, "tile.test_fraction"),
+    ({"tile": {"mode": "diagonal"}}, "tile.mode"),
+    ({"tile": {"n_targets": 1}}, "tile.n_targets"),
+    ({"tile": {"view_size": 224, "block_size": 100}}, "block_size"),
+    ({"tile": {"colour": "red"}}, "tile.colour"),
+    ({"fetch": {"source": "ftp"}}, "fetch.source"),
+    ({"fetch": {"size": 10}}, "fetch.size"),
+    ({"fetch": {"source": "file"}}, "fetch.path"),
+    ({"fetch": {"earthengine": {"bbox": [7, 46, 6, 47]}}}, "bbox"),
+    ({"fetch": {"earthengine": {"credentials": "service_account"}}}, "key_file"),
+    ({"base": {"seed": -3}}, "base.seed"),
+    ({"base": {"sed": 3}}, "base.sed"),
+    ({"env": {"action_step": 0}}, "env.action_step"),
+    ({"env": {"success_threshold": 0.5, "bonus_threshold": 0.9}}, "success_threshold"),
+    ({"trian": {}}, "trian"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key"), BAD)
+def test_bad_params_name_the_key(raw: dict, key: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert key in str(err.value)
+
+
+def test_top_level_must_be_mapping() -> None:
+    with pytest.raises(ParamsError, match="mapping"):
+        parse_params([1, 2])
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("tile: {n_targets: [\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_repo_params_are_valid_and_defaults_match() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params == Params.model_validate(params.model_dump())
+    assert params.tile.test_fraction == 0.2
+    assert params.fetch.source == "synthetic"
+
+
+def test_readme_params_table_is_current() -> None:
+    from maprl.config import params_table
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- params:start -->\n")[1].split("\n<!-- params:end -->")[0]
+    assert block == params_table(), "README params table is stale: run `maprl params-table`"

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from maprl.features import PooledFeatures, crop_views, lookalike_rate, valid_centres
+from maprl.geo import MapData
+
+
+def test_pooled_cache_equals_direct_embedding(tiny_map: MapData) -> None:
+    space = PooledFeatures(tiny_map.rgb, 32)
+    xs, ys = np.array([16.0, 50.3, 111.5]), np.array([16.0, 77.7, 100.0])
+    cached = space.embed_at(xs, ys)
+    direct = space.embed_view(crop_views(tiny_map.rgb, xs, ys, 32))
+    assert np.allclose(cached, direct, atol=1e-5)
+    assert np.allclose(np.linalg.norm(cached, axis=1), 1, atol=1e-5)
+
+
+def test_similarity_falls_with_distance(tiny_map: MapData) -> None:
+    space = PooledFeatures(tiny_map.rgb, 32)
+    base = space.embed_at(np.array([80.0]), np.array([80.0]))[0]
+    sims = [float(space.embed_at(np.array([80.0 + d]), np.array([80.0]))[0] @ base) for d in (0, 2, 8, 24)]
+    assert sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert sims[0] > sims[1] > sims[2] > sims[3]
+
+
+def test_valid_centres_matches_brute_force(tiny_map: MapData) -> None:
+    ok = valid_centres(tiny_map.valid, 16)
+    for y in range(0, 128, 7):
+        for x in range(0, 128, 7):
+            x0, y0 = x - 8, y - 8
+            inside = x0 >= 0 and y0 >= 0 and x0 + 16 <= 128 and y0 + 16 <= 128
+            expect = inside and bool(tiny_map.valid[y0 : y0 + 16, x0 : x0 + 16].all())
+            assert ok[y, x] == expect
+
+
+def test_lookalike_rate_on_distinct_texture(tiny_map: MapData) -> None:
+    space = PooledFeatures(tiny_map.rgb, 16)
+    ys, xs = np.nonzero(valid_centres(tiny_map.valid, 16))
+    out = lookalike_rate(space, np.stack([xs, ys], 1).astype(float), np.random.default_rng(0), n_pairs=300)
+    assert out["n_pairs"] == 300 and out["lookalike_rate"] < 0.05

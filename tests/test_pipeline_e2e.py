@@ -1,0 +1,60 @@
+"""End to end: ``dvc repro`` on tiny params in a temporary copy of the repository."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "fetch": {"size": 192},
+    "tile": {"n_targets": 24, "view_size": 32, "block_size": 64},
+}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def _copy_repo(dst: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and not rel.startswith("metrics/"):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+
+
+@pytest.mark.e2e
+def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo)
+
+    _run(["dvc", "repro"], repo)
+    assert (repo / "data" / "map" / "map.tif").exists()
+    tile = json.loads((repo / "metrics" / "tile.json").read_text())
+    assert tile["n_test"] + tile["n_train"] == 24
+
+    again = _run(["dvc", "repro"], repo)
+    assert "Running stage" not in again
+
+    exp = _run(["dvc", "exp", "run", "-S", "tile.test_fraction=0.3"], repo)
+    assert "Running stage 'tile'" in exp and "Running stage 'fetch'" not in exp

@@ -1,0 +1,96 @@
+"""The batched vector env must behave exactly like N Gymnasium envs (features obs)."""
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.wrappers import TimeLimit
+
+from conftest import grid_targets
+from maprl.env import SatelliteNavEnv
+from maprl.geo import MapData
+from maprl.memory import MapMemory
+from maprl.navcore import NavConfig
+from maprl.policies import MapRLNetwork, MapRLPolicy
+from maprl.runtime import pooled_memory
+from maprl.scene import Scene
+from maprl.vecenv import NavVecEnv
+
+V = 32
+
+
+@pytest.fixture
+def scene(tiny_map: MapData) -> Scene:
+    t = grid_targets([70.0, 90.0, 100.0, 60.0], [70.0, 60.0, 100.0, 100.0], ["train"] * 4)
+    return Scene.build(tiny_map, t, V)
+
+
+@pytest.fixture
+def memory(scene: Scene) -> MapMemory:
+    return pooled_memory(scene, 4, 16.0)
+
+
+@pytest.mark.parametrize("mem", ["none", "retrieval"])
+def test_vecenv_matches_gym_envs_step_by_step(scene: Scene, memory: MapMemory, mem: str) -> None:
+    cfg = NavConfig(action_step=0.08, max_steps=6, stop_threshold=0.97, shaping=0.5, memory=mem, success_radius=8)
+    n = 3
+    rng = np.random.default_rng(0)
+    episodes = [(int(rng.integers(4)), *rng.uniform(30, 100, 2)) for _ in range(40)]
+    venv = NavVecEnv(scene, n, cfg, memory=memory)
+    venv.set_episodes(list(episodes))
+    queue = list(episodes)
+    gcfg = NavConfig(**{**cfg.__dict__, "max_steps": None})
+    envs = [TimeLimit(SatelliteNavEnv(scene=scene, obs="features", config=gcfg, memory=memory), 6) for _ in range(n)]
+
+    def gym_reset(env: TimeLimit) -> dict:
+        row, x, y = queue.pop(0)
+        return env.reset(options={"target_id": int(scene.targets["id"][row]), "start": (x, y)})[0]
+
+    gobs = [gym_reset(e) for e in envs]
+    vobs = venv.reset()
+    for _ in range(25):
+        for k in vobs:
+            assert np.allclose(vobs[k], np.stack([o[k] for o in gobs]), atol=1e-6), k
+        actions = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+        vobs, vrew, vdone, vinfo = venv.step(actions)
+        for i, env in enumerate(envs):
+            o, r, term, trunc, info = env.step(actions[i])
+            assert vrew[i] == pytest.approx(r, abs=1e-5)
+            assert vdone[i] == (term or trunc)
+            if vdone[i]:
+                assert vinfo[i]["TimeLimit.truncated"] == (trunc and not term)
+                assert vinfo[i]["distance_px"] == pytest.approx(info["distance_px"])
+                assert np.allclose(vinfo[i]["terminal_observation"]["nav"], o["nav"], atol=1e-6)
+                o = gym_reset(env)
+            gobs[i] = o
+
+
+def test_vecenv_seeded_reset_is_deterministic(scene: Scene) -> None:
+    cfg = NavConfig(max_steps=5)
+
+    def roll(seed: int) -> np.ndarray:
+        venv = NavVecEnv(scene, 4, cfg)
+        venv.seed(seed)
+        venv.reset()
+        return venv.core.pos.copy()
+
+    assert np.array_equal(roll(3), roll(3)) and not np.array_equal(roll(3), roll(4))
+
+
+def test_feature_extractor_and_policy_forward(scene: Scene, memory: MapMemory) -> None:
+    cfg = NavConfig(max_steps=5, memory="retrieval")
+    venv = NavVecEnv(scene, 2, cfg, memory=memory)
+    ext = MapRLNetwork(venv.observation_space)
+    assert ext.features_dim == 64 + cfg.nav_dim()
+    obs = {k: torch.as_tensor(v) for k, v in venv.reset().items()}
+    assert ext(obs).shape == (2, ext.features_dim)
+    policy = MapRLPolicy(venv.observation_space, venv.action_space, lambda _: 3e-4)
+    actions, values, logp = policy(obs)
+    assert actions.shape == (2, 2) and values.shape == (2, 1)
+
+
+def test_pixel_policy_forward(scene: Scene) -> None:
+    env = SatelliteNavEnv(scene=scene, obs="pixels")
+    ext = MapRLNetwork(env.observation_space, input_size=32)  # type: ignore[arg-type]
+    obs, _ = env.reset(seed=0)
+    batch = {k: torch.as_tensor(v[None]).float() for k, v in obs.items()}
+    assert ext(batch).shape == (1, 64) and ext.head[0].in_features == 2560
