@@ -105,61 +105,72 @@ class EncoderParams(_Section):
         "mobilenet_v2", description="Feature space for similarity, retrieval and policy inputs."
     )
     weights: Literal["imagenet", "ssl", "random"] = Field("ssl", description="Encoder initialisation.")
-    input_size: int = Field(112, ge=32, le=448, description="Encoder input side, pixels (views are resized).")
-    cache_stride: int = Field(16, ge=4, le=256, description="Grid spacing of the dense feature cache, pixels.")
+    weights_path: str | None = Field(
+        None, description="weights: imagenet -> a local MobileNetV2 state dict (.pth) instead of the torch hub cache."
+    )
+    input_size: int = Field(112, ge=16, le=448, description="Encoder input side, pixels (views are resized).")
+    cache_stride: int = Field(16, ge=2, le=256, description="Grid spacing of the dense feature cache, pixels.")
+    cache_shifts: int = Field(
+        0, ge=0, le=16, description="Shifted encoder passes per axis for the cache (0: enough to reach cache_stride)."
+    )
     ssl_steps: int = Field(300, ge=0, le=100_000, description="Contrastive pretraining steps (weights: ssl).")
     ssl_batch_size: int = Field(64, ge=4, le=1024)
     ssl_lr: float = Field(1e-3, gt=0, le=1)
+    ssl_temperature: float = Field(0.2, gt=0, le=10, description="InfoNCE softmax temperature.")
+    stop_quantile: float = Field(
+        0.9999, gt=0.5, le=1, description="Quantile of far-view similarity the stop threshold must clear."
+    )
+    stop_margin: float = Field(0.02, ge=0, le=1, description="Added to that quantile to give the stop threshold.")
     torch_threads: int = Field(2, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderParams:
+        if self.weights == "imagenet" and self.kind != "mobilenet_v2":
+            raise ValueError("weights: imagenet exists only for kind: mobilenet_v2; use ssl or random")
+        return self
 
 
 class AgentParams(_Section):
     obs: Literal["features", "pixels"] = Field("features", description="features: cached embeddings; pixels: 2 views.")
     memory: Literal["retrieval", "none"] = Field("retrieval", description="Map memory fed to the policy.")
-    n_candidates: int = Field(3, ge=1, le=16, description="Retrieval candidates in the observation.")
+    n_candidates: int = Field(3, ge=1, le=64, description="Retrieval candidates in the observation.")
     include_position: bool = True
     include_prev_action: bool = True
 
 
 class TrainParams(_Section):
     algo: Literal["ppo", "recurrent_ppo"] = "ppo"
-    total_timesteps: int = Field(300_000, ge=64, le=1_000_000_000)
+    total_timesteps: int = Field(300_000, ge=0)
     n_envs: int = Field(32, ge=1, le=4096)
     max_steps: int = Field(100, ge=1, le=100_000, description="Episode step budget while training.")
     shaping: float = Field(1.0, ge=0, description="Potential-based distance shaping weight (0 = seed reward).")
     learning_rate: float = Field(3e-4, gt=0, le=1)
     lr_schedule: Literal["linear", "constant"] = "linear"
-    n_steps: int = Field(128, ge=8, le=1_000_000)
-    batch_size: int = Field(512, ge=8, le=1_000_000)
-    n_epochs: int = Field(5, ge=1, le=100)
-    gamma: float = Field(0.98, gt=0, lt=1)
-    gae_lambda: float = Field(0.95, gt=0, le=1)
-    clip_range: float = Field(0.2, gt=0, le=1)
-    ent_coef: float = Field(0.0, ge=0, le=1)
-    vf_coef: float = Field(0.5, ge=0, le=10)
-    max_grad_norm: float = Field(0.5, gt=0, le=100)
+    n_steps: int = Field(128, ge=1)
+    batch_size: int = Field(512, ge=1)
+    n_epochs: int = Field(5, ge=1)
+    gamma: float = Field(0.98, gt=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    ent_coef: float = Field(0.0, ge=0)
+    vf_coef: float = Field(0.5, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
     eval_freq: int = Field(20_000, ge=1, description="Timesteps between periodic evaluations.")
-    eval_episodes: int = Field(64, ge=1, le=10_000, description="Episodes per periodic evaluation and split.")
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of train targets held out for validation.")
+    eval_episodes: int = Field(64, ge=1, description="Episodes per periodic evaluation and split.")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of train targets held out for validation.")
     checkpoint_freq: int = Field(50_000, ge=1, description="Timesteps between checkpoints.")
     resume: bool = Field(True, description="Continue from the last checkpoint after a killed run.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (pip install maprl[tensorboard]).")
     torch_threads: int = Field(1, ge=1, le=256)
     progress_bar: bool = True
 
-    @model_validator(mode="after")
-    def _check(self) -> TrainParams:
-        if self.batch_size > self.n_steps * self.n_envs:
-            raise ValueError("batch_size must be <= n_steps * n_envs (one rollout)")
-        return self
-
 
 class EvaluateParams(_Section):
-    episodes: int = Field(200, ge=1, le=100_000, description="Fixed episodes per split.")
-    max_steps: int = Field(100, ge=1, le=100_000, description="Step budget per episode.")
+    episodes: int = Field(200, ge=1, description="Fixed episodes per split.")
+    max_steps: int = Field(100, ge=1, description="Step budget per episode.")
     success_radius: float = Field(56.0, gt=0, description="Ground-truth success radius, pixels.")
     distance_bins: list[float] = Field([250, 500, 1000], description="Start-distance bin edges, pixels.")
-    gif_steps: int = Field(60, ge=2, le=1000)
+    gif_steps: int = Field(60, ge=1)
 
 
 class Params(_Section):

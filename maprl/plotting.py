@@ -111,3 +111,108 @@ def save_preview(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_trajectories(
+    rgb: np.ndarray,
+    methods: Sequence[str],
+    paths: Sequence[Sequence[np.ndarray]],
+    targets: Sequence[Sequence[float]],
+    success: Sequence[Sequence[bool]],
+    view_size: int,
+    out_path: str,
+    titles: Sequence[str] | None = None,
+    max_side: int = 512,
+) -> None:
+    """Grid of episodes (columns) by method (rows): the path flown, green on success, red on failure.
+
+    ``paths[m][e]`` is an (T, 2) array of view centres; the target view is the white box, the
+    start a black dot, the final view a box in the path's colour.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    small, _ = downscale(rgb, max_side)
+    h, w = rgb.shape[:2]
+    half = view_size / 2
+    n_rows, n_cols = len(methods), max(1, len(targets))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.6 * n_rows), dpi=90, squeeze=False)
+    for r, method in enumerate(methods):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.imshow(small, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(targets):
+                continue
+            colour = "limegreen" if success[r][c] else "red"
+            p = np.asarray(paths[r][c], float).reshape(-1, 2)
+            tx, ty, fx, fy, v = targets[c][0] - half, targets[c][1] - half, p[-1, 0] - half, p[-1, 1] - half, view_size
+            ax.add_patch(Rectangle((tx, ty), v, v, fill=False, ec="white", lw=1.2))
+            ax.plot(p[:, 0], p[:, 1], "-", color=colour, lw=1.2)
+            ax.plot(p[:1, 0], p[:1, 1], "o", color="black", ms=3)
+            ax.add_patch(Rectangle((fx, fy), v, v, fill=False, ec=colour, lw=1))
+            if r == 0 and titles is not None:
+                ax.set_title(titles[c], fontsize=8)
+        axes[r, 0].set_ylabel(method, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(out_path), format="png")
+    plt.close(fig)
+
+
+def _resize_nearest(img: np.ndarray, side: int) -> np.ndarray:
+    ys = (np.arange(side) * img.shape[0] / side).astype(int)
+    xs = (np.arange(side) * img.shape[1] / side).astype(int)
+    return img[ys][:, xs]
+
+
+def _framed(img: np.ndarray, colour: Colour, width: int = 2) -> np.ndarray:
+    out = img.copy()
+    out[:width], out[-width:], out[:, :width], out[:, -width:] = colour, colour, colour, colour
+    return out
+
+
+def episode_frames(
+    rgb: np.ndarray,
+    path: np.ndarray,
+    target: Sequence[float],
+    view_size: int,
+    max_frames: int = 60,
+    max_side: int = 384,
+) -> list[np.ndarray]:
+    """GIF frames of one episode: the map with the path so far (yellow), the current view (cyan)
+    and the target (red); on the right the current view (cyan frame) above the target photo (red)."""
+    from maprl.features import crop_views
+
+    small, s = downscale(rgb, max_side)
+    path = np.asarray(path, float).reshape(-1, 2)
+    steps = np.unique(np.linspace(0, len(path) - 1, min(max_frames, len(path))).round().astype(int))
+    side = small.shape[0] // 2
+    tgt = _framed(
+        _resize_nearest(crop_views(rgb, np.array([target[0]]), np.array([target[1]]), view_size)[0], side),
+        (255, 40, 40),
+    )
+    frames = []
+    for t in steps:
+        img = small.copy()
+        pts = [(x * s, y * s) for x, y in path[: t + 1]]
+        if len(pts) > 1:
+            draw_polyline(img, pts, (255, 220, 0), 2)
+        draw_box(img, target[0] * s, target[1] * s, view_size * s, (255, 40, 40))
+        draw_box(img, pts[-1][0], pts[-1][1], view_size * s, (0, 230, 255))
+        cur = crop_views(rgb, path[t : t + 1, 0], path[t : t + 1, 1], view_size)[0]
+        column = np.zeros((small.shape[0], side, 3), np.uint8)
+        column[:side] = _framed(_resize_nearest(cur, side), (0, 230, 255))
+        column[side : 2 * side] = tgt
+        frames.append(np.concatenate([img, column], axis=1))
+    return frames
+
+
+def save_gif(frames: Sequence[np.ndarray], path: str, fps: float = 8.0) -> None:
+    """Write an animated GIF that loops forever."""
+    import imageio.v3 as iio
+
+    iio.imwrite(str(path), np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)

@@ -49,6 +49,44 @@ def _tile(args: argparse.Namespace) -> Any:
     return run_tile(_params(args), args.map, args.out, args.metrics)
 
 
+def _encode(args: argparse.Namespace) -> Any:
+    from maprl.encode import run_encode
+
+    return run_encode(_params(args), args.map, args.targets, args.out, args.metrics)
+
+
+def agent_params(params: Any, agent: str) -> Any:
+    """``memory`` trains the agent as configured; ``original`` is the original design (no map memory)."""
+    if agent not in ("memory", "original"):
+        from maprl.errors import ParamsError
+
+        raise ParamsError(f"--agent must be memory or original, got {agent!r}")
+    if agent == "original":
+        return params.model_copy(update={"agent": params.agent.model_copy(update={"memory": "none"})})
+    return params
+
+
+def _train(args: argparse.Namespace) -> Any:
+    from maprl.runtime import load_runtime
+    from maprl.training import run_train
+
+    params = agent_params(_params(args), args.agent)
+    rt = load_runtime(params, args.map, args.targets, args.features)
+    out = f"models/{args.agent}"
+    return run_train(params, rt, out, f"metrics/train-{args.agent}.json", f"dvclive/train-{args.agent}")
+
+
+def _evaluate(args: argparse.Namespace) -> Any:
+    from maprl.evaluation import run_evaluate
+
+    return run_evaluate(_params(args), args.map, args.targets, args.features, args.models, args.out, args.metrics)
+
+
+_INPUTS = [
+    ("--map", "data/map/map.tif", "map GeoTIFF"),
+    ("--targets", "data/targets/targets.csv", "targets table"),
+]
+
 # name -> (help, run, [(flag, default, help)])
 STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], Any], list[tuple[str, str, str]]]] = {
     "fetch": (
@@ -63,6 +101,27 @@ STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], Any], list[tuple[str
             ("--map", "data/map/map.tif", "map GeoTIFF"),
             ("--out", "data/targets", "output folder"),
             ("--metrics", "metrics/tile.json", "metrics JSON"),
+        ],
+    ),
+    "encode": (
+        "Build the encoder (optionally self-supervised on the map) and the dense feature cache; calibrate the stop rule.",
+        _encode,
+        [*_INPUTS, ("--out", "data/features", "output folder"), ("--metrics", "metrics/encode.json", "metrics JSON")],
+    ),
+    "train": (
+        "Train the PPO agent on the batched feature env (--agent memory: with map memory; original: without).",
+        _train,
+        [*_INPUTS, ("--features", "data/features", "encode stage output"), ("--agent", "memory", "memory | original")],
+    ),
+    "evaluate": (
+        "Evaluate the agents and the baselines on fixed episodes; write metrics, episodes.csv, plots and a GIF.",
+        _evaluate,
+        [
+            *_INPUTS,
+            ("--features", "data/features", "encode stage output"),
+            ("--models", "models", "folder with <agent>/policy.zip"),
+            ("--out", "data/eval", "output folder"),
+            ("--metrics", "metrics/eval.json", "metrics JSON"),
         ],
     ),
 }

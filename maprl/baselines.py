@@ -1,0 +1,420 @@
+"""Batched controllers that fly every agent of a :class:`~maprl.vecenv.NavVecEnv` at once.
+
+A controller sees what the agent sees: the observation, its own position and step counter
+(``venv.core.pos``, ``venv.core.steps``), the step length and the map (pixels, features or a
+:class:`~maprl.memory.MapMemory`). No controller here reads the ground-truth target
+position (``venv.core.targets_xy``): each finds the target from pixels or features.
+
+| name                | uses                                   | idea                                   |
+|---------------------|----------------------------------------|----------------------------------------|
+| ``RandomWalk``      | nothing                                | uniform random actions                 |
+| ``Lawnmower``       | own position                           | boustrophedon sweep, image-blind       |
+| ``GreedyHillClimb`` | feature cache around the agent         | move to the best of 16 probes          |
+| ``RetrieveThenFly`` | map memory (whole-map features)        | nearest neighbour, then fly straight   |
+| ``TemplateOracle``  | whole-map pixels                       | NCC template matching, then fly        |
+| ``AgentController`` | a trained SB3 model                    | ``model.predict``                      |
+
+The episode ends through the env's own stop rule, exactly as for the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from scipy import fft as sfft
+
+from maprl.features import crop_views
+from maprl.memory import MapMemory
+
+if TYPE_CHECKING:
+    from maprl.scene import Scene
+    from maprl.vecenv import NavVecEnv
+
+
+class Controller(Protocol):
+    """Chooses actions for every agent of a vector env."""
+
+    def reset(self, venv: NavVecEnv) -> None:
+        """Called once after ``venv.reset()``."""
+        ...
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        """(N, 2) actions in [-1, 1] for the observation ``obs``."""
+        ...
+
+
+ControllerFactory = Callable[[], Controller]
+
+
+def fly_action(pos: np.ndarray, goal: np.ndarray, step_px: float) -> np.ndarray:
+    """Actions that fly straight from ``pos`` to ``goal`` (both (N, 2)) at full step.
+
+    The offset in steps is scaled down (never clipped per axis) into the unit box, so the
+    path is a straight line and the last step lands exactly on the goal.
+    """
+    a = (np.asarray(goal, float) - np.asarray(pos, float)) / step_px
+    scale = np.maximum(1.0, np.abs(a).max(axis=1, keepdims=True))
+    return (a / scale).astype(np.float32)
+
+
+def target_photo(scene: Scene, row: int) -> np.ndarray:
+    """The target photo of target ``row`` (V, V, 3) uint8, as the agent is given it."""
+    t = scene.targets.iloc[row]
+    return crop_views(scene.map.rgb, np.array([t["x"]], float), np.array([t["y"]], float), scene.view_size)[0]
+
+
+def _fresh(venv: NavVecEnv) -> np.ndarray:
+    """Agents at the first step of an episode (after a reset or an auto-reset)."""
+    return np.asarray(venv.core.steps == 0)
+
+
+# -- image-blind -------------------------------------------------------------------------------
+class RandomWalk:
+    """Uniform random actions."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def reset(self, venv: NavVecEnv) -> None:
+        return None
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, (venv.num_envs, 2)).astype(np.float32)
+
+
+def _sweep_rows(y0: float, lo: float, hi: float, gap: float) -> list[float]:
+    """Row heights from ``y0`` towards the nearer edge, then the other side; ``gap`` apart."""
+    near, far = (hi, lo) if hi - y0 <= y0 - lo else (lo, hi)
+
+    def towards(edge: float, first: float) -> list[float]:
+        sign = 1.0 if edge >= y0 else -1.0
+        ys = list(np.arange(first, edge + sign * 1e-9, sign * gap)) if sign * (edge - first) >= 0 else []
+        if not ys or abs(edge - ys[-1]) > gap / 2:
+            ys.append(edge)
+        return [float(y) for y in ys]
+
+    sign_far = 1.0 if far >= y0 else -1.0
+    rest = towards(far, y0 + sign_far * gap) if abs(far - y0) > gap / 2 else []
+    return towards(near, y0) + rest
+
+
+def lawnmower_plan(scene: Scene, start: np.ndarray, gap: float | None = None) -> np.ndarray:
+    """Waypoints (K, 2) of a boustrophedon sweep from ``start``: rows ``gap`` (a view) apart.
+
+    The first row is the start's: the agent flies to its nearer end, then sweeps to the
+    other end, steps one row towards the nearer map edge and sweeps back; after that edge
+    it covers the rows on the other side of the start.
+    """
+    gap = float(gap or scene.view_size)
+    x0, y0 = float(start[0]), float(start[1])
+    ends = (scene.lo, scene.hi_x) if x0 - scene.lo <= scene.hi_x - x0 else (scene.hi_x, scene.lo)
+    pts: list[tuple[float, float]] = []
+    for k, y in enumerate(_sweep_rows(y0, scene.lo, scene.hi_y, gap)):
+        a, b = ends if k % 2 == 0 else ends[::-1]
+        pts += [(a, y), (b, y)]
+    return np.array(pts, float)
+
+
+class Lawnmower:
+    """Image-blind coverage sweep at full step (the env's stop rule still ends an episode)."""
+
+    def __init__(self, gap: float | None = None) -> None:
+        self.gap = gap
+        self.plans: list[np.ndarray] = []
+        self.idx = np.zeros(0, np.int64)
+        self.last = np.zeros((0, 2))
+
+    def reset(self, venv: NavVecEnv) -> None:
+        n = venv.num_envs
+        self.plans = [np.zeros((0, 2)) for _ in range(n)]
+        self.idx = np.zeros(n, np.int64)
+        self.last = np.full((n, 2), np.nan)
+
+    def _replan(self, venv: NavVecEnv, i: int) -> None:
+        self.plans[i] = lawnmower_plan(venv.scene, venv.core.pos[i], self.gap)
+        self.idx[i] = 0
+
+    def _goal(self, venv: NavVecEnv, i: int, stuck: bool) -> np.ndarray:
+        pos = venv.core.pos[i]
+        if stuck:  # blocked by nodata: give up this waypoint
+            self.idx[i] += 1
+        for _ in range(2):
+            plan = self.plans[i]
+            while self.idx[i] < len(plan) and np.hypot(*(plan[self.idx[i]] - pos)) < 1e-6:
+                self.idx[i] += 1
+            if self.idx[i] < len(plan):
+                return plan[self.idx[i]]
+            self._replan(venv, i)  # sweep done: start another from here
+        return pos
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        if len(self.plans) != venv.num_envs:
+            self.reset(venv)
+        pos = venv.core.pos
+        stuck = np.all(np.abs(pos - self.last) < 1e-9, axis=1)
+        goals = np.empty_like(pos)
+        for i in range(venv.num_envs):
+            if venv.core.steps[i] == 0:
+                self._replan(venv, i)
+                stuck[i] = False
+            goals[i] = self._goal(venv, i, bool(stuck[i]))
+        self.last = pos.copy()
+        return fly_action(pos, goals, venv.core.step_px)
+
+
+# -- local feature search ------------------------------------------------------------------------
+_DIRECTIONS = np.array([(dx, dy) for dx in (-1.0, 0.0, 1.0) for dy in (-1.0, 0.0, 1.0) if dx or dy])
+
+
+class GreedyHillClimb:
+    """Probe 8 directions at full and half step; take the best if it beats the current view.
+
+    With no improving probe (a plateau, or far from the target where similarity says
+    nothing) it makes a uniform random move.
+    """
+
+    def __init__(self, rng: np.random.Generator, scales: tuple[float, ...] = (1.0, 0.5)) -> None:
+        self.rng = rng
+        self.moves = np.concatenate([_DIRECTIONS * s for s in scales])
+
+    def reset(self, venv: NavVecEnv) -> None:
+        return None
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        scene, pos, n = venv.scene, venv.core.pos, venv.num_envs
+        target = obs["target"]
+        current = np.sum(obs["current"] * target, axis=1)
+        cand = pos[:, None, :] + self.moves[None] * venv.core.step_px  # (N, M, 2)
+        cx, cy = scene.clip(cand[..., 0].ravel(), cand[..., 1].ravel())
+        emb = scene.space.embed_at(cx, cy).reshape(n, len(self.moves), -1)
+        sims = np.einsum("nmd,nd->nm", emb, target)
+        sims[~scene.is_valid(cx, cy).reshape(n, -1)] = -np.inf
+        best = np.argmax(sims, axis=1)
+        better = sims[np.arange(n), best] > current + 1e-6
+        random = self.rng.uniform(-1.0, 1.0, (n, 2))
+        return np.where(better[:, None], self.moves[best], random).astype(np.float32)
+
+
+# -- whole-map lookup, then fly ------------------------------------------------------------------
+class _FlyToGoal:
+    """Estimate the target position once per target row, fly straight to it, then hold still."""
+
+    def __init__(self) -> None:
+        self.goals: dict[int, np.ndarray] = {}
+
+    def locate(self, venv: NavVecEnv, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 2) estimated target positions."""
+        raise NotImplementedError
+
+    def reset(self, venv: NavVecEnv) -> None:
+        return None
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        rows = venv.core.rows
+        missing = np.array(sorted({int(r) for r in rows} - self.goals.keys()), np.int64)
+        if len(missing):
+            self.goals.update(zip(missing.tolist(), self.locate(venv, missing), strict=True))
+        goals = np.stack([self.goals[int(r)] for r in rows])
+        return fly_action(venv.core.pos, goals, venv.core.step_px)
+
+
+class RetrieveThenFly(_FlyToGoal):
+    """Top-1 nearest neighbour of the target embedding in the map memory, then fly straight."""
+
+    def __init__(self, memory: MapMemory) -> None:
+        super().__init__()
+        self.memory = memory
+
+    def locate(self, venv: NavVecEnv, rows: np.ndarray) -> np.ndarray:
+        pos, _ = self.memory.query(venv.core.target_embs[rows], k=1)
+        return np.asarray(pos[:, 0, :], float)
+
+
+def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    h, w = img.shape[0] // f * f, img.shape[1] // f * f
+    return img[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def _window_sums(img: np.ndarray, v: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of ``img`` and ``img**2`` over every v x v window (valid positions)."""
+    out = []
+    for a in (img, img * img):
+        sat = np.zeros((a.shape[0] + 1, a.shape[1] + 1))
+        np.cumsum(np.cumsum(a, axis=0), axis=1, out=sat[1:, 1:])
+        out.append(sat[v:, v:] - sat[:-v, v:] - sat[v:, :-v] + sat[:-v, :-v])
+    return out[0], out[1]
+
+
+_FLAT = 0.25  # variance per pixel below which a window counts as flat (NCC 0)
+
+
+class _NCC:
+    """Normalised cross-correlation of one template size against one image, via a cached FFT.
+
+    Only "valid" positions are wanted, so a circular correlation of the image's own (fast)
+    size is exact there: no padding to image + template.
+    """
+
+    def __init__(self, image: np.ndarray, v: int) -> None:
+        self.image, self.v = image, v
+        h, w = image.shape
+        self.shape = (sfft.next_fast_len(h, real=True), sfft.next_fast_len(w, real=True))
+        self.spec = sfft.rfft2(image, self.shape)
+        s1, s2 = _window_sums(image, v)
+        self.var = np.maximum(s2 - s1 * s1 / (v * v), 0.0)  # window sum of squared deviations
+
+    def scores(self, template: np.ndarray) -> np.ndarray:
+        """NCC at every top-left corner (H - v + 1, W - v + 1), in [-1, 1]."""
+        v = self.v
+        t0 = template - template.mean()
+        full = sfft.irfft2(self.spec * np.conj(sfft.rfft2(t0, self.shape)), self.shape)
+        num = full[: self.var.shape[0], : self.var.shape[1]]
+        t_var = float(np.sum(t0 * t0))
+        flat = (self.var < _FLAT * v * v) | (t_var < _FLAT * v * v)  # under half a grey level of spread
+        return np.where(flat, 0.0, num / np.sqrt(np.maximum(self.var * t_var, 1e-12)))
+
+
+def _local_ncc(image: np.ndarray, template: np.ndarray, top: int, left: int, r: int) -> tuple[float, int, int]:
+    """Best NCC of ``template`` with its top-left corner within ``r`` px of (top, left)."""
+    v = template.shape[0]
+    y0, x0 = max(0, top - r), max(0, left - r)
+    y1, x1 = min(image.shape[0] - v, top + r), min(image.shape[1] - v, left + r)
+    if y1 < y0 or x1 < x0:
+        return -np.inf, top, left
+    patch = image[y0 : y1 + v, x0 : x1 + v]
+    s = _NCC(patch, v).scores(template)
+    i, j = np.unravel_index(int(np.argmax(s)), s.shape)
+    return float(s[i, j]), y0 + int(i), x0 + int(j)
+
+
+class TemplateMatcher:
+    """Full-map template matching by NCC: coarse FFT search, then a full-resolution refine.
+
+    The map (grey) is block-averaged by ``factor`` (default: 4 for views of 64 px and more);
+    up to ``n_peaks`` separated coarse peaks among valid centres, scoring within ``margin`` of
+    the best, are each refined at full resolution within ``factor + 2`` px, and the best
+    refined NCC wins.
+    """
+
+    def __init__(self, scene: Scene, factor: int | None = None, n_peaks: int = 3, margin: float = 0.15) -> None:
+        v = scene.view_size
+        self.scene, self.v, self.n_peaks, self.margin = scene, v, n_peaks, margin
+        self.factor = int(factor or max(1, min(4, v // 16)))
+        self.grey = scene.map.rgb.astype(np.float64).mean(axis=2)
+        self.vc = max(2, v // self.factor)
+        self.coarse = _NCC(_block_mean(self.grey, self.factor), self.vc)
+        self.ok = self._coarse_valid(scene)
+
+    def _coarse_valid(self, scene: Scene) -> np.ndarray:
+        f, half = self.factor, self.v // 2
+        h, w = self.coarse.var.shape
+        ys = np.clip(np.arange(h) * f + half, 0, scene.ok.shape[0] - 1)
+        xs = np.clip(np.arange(w) * f + half, 0, scene.ok.shape[1] - 1)
+        return np.asarray(scene.ok[np.ix_(ys, xs)])
+
+    def _peaks(self, s: np.ndarray) -> list[tuple[int, int]]:
+        """Up to ``n_peaks`` separated coarse peaks scoring within ``margin`` of the best."""
+        s = np.where(self.ok, s, -np.inf)
+        out: list[tuple[int, int]] = []
+        r = max(1, self.vc // 2)
+        top = -np.inf
+        for _ in range(self.n_peaks):
+            i, j = np.unravel_index(int(np.argmax(s)), s.shape)
+            if not np.isfinite(s[i, j]) or s[i, j] < top - self.margin:
+                break
+            top = max(top, float(s[i, j]))
+            out.append((int(i), int(j)))
+            s[max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1] = -np.inf
+        return out
+
+    def locate(self, photo: np.ndarray) -> tuple[float, float, float]:
+        """(x, y, ncc) of the view centre that best matches ``photo`` (V, V, 3)."""
+        t = photo.astype(np.float64).mean(axis=2)
+        tc = _block_mean(t, self.factor)[: self.vc, : self.vc]
+        best = (-np.inf, 0, 0)
+        for i, j in self._peaks(self.coarse.scores(tc)):
+            cand = _local_ncc(self.grey, t, i * self.factor, j * self.factor, self.factor + 2)
+            if cand[0] > best[0]:
+                best = cand
+        score, top, left = best
+        return float(left + self.v // 2), float(top + self.v // 2), float(score)
+
+
+class TemplateOracle(_FlyToGoal):
+    """Ceiling: find the target photo in the whole map's pixels by NCC, then fly straight."""
+
+    def __init__(self, matcher: TemplateMatcher) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.scores: dict[int, float] = {}
+
+    def locate(self, venv: NavVecEnv, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), 2))
+        for k, row in enumerate(rows):
+            x, y, score = self.matcher.locate(target_photo(venv.scene, int(row)))
+            out[k] = (x, y)
+            self.scores[int(row)] = score
+        return out
+
+
+# -- a trained agent -------------------------------------------------------------------------------
+def _is_recurrent(model: Any) -> bool:
+    try:
+        from sb3_contrib import RecurrentPPO
+    except ImportError:  # pragma: no cover - sb3-contrib is a dependency
+        return False
+    return isinstance(model, RecurrentPPO)
+
+
+class AgentController:
+    """A trained SB3 model, deterministic. Recurrent models keep their LSTM state per agent.
+
+    ``obs_transform`` is applied to observations first (e.g. ``VecNormalize.normalize_obs``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        recurrent: bool | None = None,
+        obs_transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    ) -> None:
+        self.model = model
+        self.recurrent = _is_recurrent(model) if recurrent is None else recurrent
+        self.obs_transform = obs_transform
+        self.state: Any = None
+
+    def reset(self, venv: NavVecEnv) -> None:
+        self.state = None
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        if self.obs_transform is not None:
+            obs = self.obs_transform(obs)
+        if self.recurrent:
+            start = _fresh(venv)  # True at each agent's first step, also after an auto-reset
+            actions, self.state = self.model.predict(obs, state=self.state, episode_start=start, deterministic=True)
+        else:
+            actions, _ = self.model.predict(obs, deterministic=True)
+        return np.asarray(actions, np.float32).reshape(venv.num_envs, 2)
+
+
+def default_baselines(scene: Scene, memory: MapMemory | None, seed: int) -> dict[str, ControllerFactory]:
+    """The standard baselines, each seeded from ``seed`` (a fresh generator per run)."""
+    cache: dict[str, TemplateMatcher] = {}
+
+    def oracle() -> Controller:
+        if "m" not in cache:
+            cache["m"] = TemplateMatcher(scene)
+        return TemplateOracle(cache["m"])
+
+    seeds = np.random.SeedSequence(seed).spawn(2)
+    methods: dict[str, ControllerFactory] = {
+        "random_walk": lambda: RandomWalk(np.random.default_rng(seeds[0])),
+        "lawnmower": Lawnmower,
+        "greedy": lambda: GreedyHillClimb(np.random.default_rng(seeds[1])),
+    }
+    if memory is not None:
+        methods["retrieve_then_fly"] = lambda: RetrieveThenFly(memory)
+    methods["template_oracle"] = oracle
+    return methods
