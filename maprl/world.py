@@ -20,6 +20,7 @@ the same kind of landscape over a larger area.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -30,8 +31,14 @@ from scipy import ndimage
 SUN_AZIMUTH_DEG = 135.0  # clockwise from north: the sun stands in the south-east
 SUN_ALTITUDE_DEG = 40.0  # above the horizon
 AMBIENT = 0.42  # share of the light that still reaches a pixel in full shadow
+HAZE_SHARE = 0.1  # the atmosphere dims the ground by this share ...
+HAZE_RGB = (8.0, 10.0, 20.0)  # ... and adds this bluish path radiance
+MAX_STREET_MPP = 12.0  # coarser pixels show villages without their streets and houses
+MAX_ROAD_MPP = 25.0  # coarser pixels show no roads at all
 
 _F32 = np.float32
+_Arrays3 = tuple[np.ndarray, np.ndarray, np.ndarray]
+_Box = tuple[int, int, int, int]  # r0, r1, c0, c1: rows [r0, r1) x columns [c0, c1)
 
 # Agricultural cover types: name, RGB, probability, stripe contrast.
 _CROPS: tuple[tuple[str, tuple[int, int, int], float, float], ...] = (
@@ -98,7 +105,7 @@ class _Buildings:
     """Building footprints: id raster (0 none, k + 1 for building k) and per-building attributes."""
 
     ids: np.ndarray
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # r0, r1, c0, c1
+    boxes: list[_Box] = field(default_factory=list)
     heights: list[float] = field(default_factory=list)
     pitched: list[bool] = field(default_factory=list)
     roofs: list[tuple[float, float, float]] = field(default_factory=list)
@@ -163,7 +170,7 @@ def _terrain(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
     """Fractal terrain in metres: ~12 m std over 2 km, growing like extent^0.7 (capped)."""
     extent_m = size * mpp
     relief_std = min(12.0 * (extent_m / 2048.0) ** 0.7, 400.0)
-    base_altitude = rng.uniform(150.0, 700.0)
+    base_altitude = rng.uniform(150.0, 700.0) + 2.5 * relief_std
     field_ = _spectral_noise(rng, size, mpp, beta=3.3, outer_m=6000.0, inner_m=max(25.0, 2.0 * mpp))
     return field_ * _F32(relief_std) + _F32(base_altitude)
 
@@ -179,7 +186,7 @@ def _meander(rng: np.random.Generator, n: int, mpp: float) -> np.ndarray:
     return out / mpp
 
 
-def _river(rng: np.random.Generator, terrain: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _river(rng: np.random.Generator, terrain: np.ndarray, mpp: float) -> _Arrays3:
     """Carve a meandering river valley across the map.
 
     Returns the carved terrain, the river mask and the river's water surface (metres; only
@@ -193,7 +200,8 @@ def _river(rng: np.random.Generator, terrain: np.ndarray, mpp: float) -> tuple[n
     rows = np.arange(size, dtype=_F32)[:, None]
     dist_m = np.abs(rows - centre.astype(_F32)[None, :]) * (mpp * cos_dir).astype(_F32)[None, :]
     idx = np.clip(np.rint(centre), 0, size - 1).astype(np.intp)
-    floor = ndimage.gaussian_filter1d(t[idx, np.arange(size)].astype(np.float64), max(1.0, 150.0 / mpp), mode="nearest")
+    along_river = t[idx, np.arange(size)].astype(np.float64)
+    floor = ndimage.gaussian_filter1d(along_river, max(1.0, 150.0 / mpp), mode="nearest")
     surface = (floor - 1.0).astype(_F32)[None, :]
     valley_m = rng.uniform(50.0, 140.0)
     weight = np.exp(-((dist_m / _F32(valley_m)) ** 2))
@@ -201,7 +209,8 @@ def _river(rng: np.random.Generator, terrain: np.ndarray, mpp: float) -> tuple[n
     carved = t + weight * (bank - t)
     river = dist_m < rng.uniform(4.0, 11.0)
     surface2d = np.broadcast_to(surface, t.shape)
-    return (np.ascontiguousarray(np.rot90(a, -k)) for a in (carved, river, surface2d))  # type: ignore[return-value]
+    back = [np.ascontiguousarray(np.rot90(a, -k)) for a in (carved, river, surface2d)]
+    return back[0], back[1], back[2]
 
 
 def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
@@ -215,9 +224,8 @@ def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     return keep[labels]
 
 
-def _hydrology(rng: np.random.Generator, terrain: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _hydrology(rng: np.random.Generator, terrain: np.ndarray, mpp: float) -> _Arrays3:
     """Rivers and lakes: carved terrain, water mask and water surface elevation (metres)."""
-    size = terrain.shape[0]
     surface = np.zeros_like(terrain)
     water = np.zeros(terrain.shape, bool)
     if rng.random() < 0.75:
@@ -227,7 +235,6 @@ def _hydrology(rng: np.random.Generator, terrain: np.ndarray, mpp: float) -> tup
     lakes = ndimage.binary_opening(lakes, iterations=max(1, min(2, int(3.0 / mpp))))
     surface = np.where(lakes, _F32(level), surface).astype(_F32)
     water = water | lakes
-    del size
     return terrain, water, surface
 
 
@@ -238,7 +245,7 @@ def _settlements(rng: np.random.Generator, water: np.ndarray, mpp: float) -> lis
     """Village centres on dry land, kept apart; at least one per map."""
     size = water.shape[0]
     extent_m = size * mpp
-    wanted = max(1, int(rng.poisson((extent_m / 1000.0) ** 2 * 0.7)))
+    wanted = min(150, max(1, int(rng.poisson((extent_m / 1000.0) ** 2 * 0.7))))
     cands = rng.uniform(0.12, 0.88, (wanted * 40 + 40, 2)) * size
     radii = np.minimum(rng.uniform(90.0, 260.0, len(cands)), 0.42 * extent_m) / mpp
     out: list[_Settlement] = []
@@ -255,11 +262,11 @@ def _settlements(rng: np.random.Generator, water: np.ndarray, mpp: float) -> lis
     return out
 
 
-def _urban_mask(rng: np.random.Generator, settlements: list[_Settlement], size: int, mpp: float) -> np.ndarray:
+def _urban_mask(rng: np.random.Generator, towns: list[_Settlement], size: int, mpp: float) -> np.ndarray:
     """Union of the villages' built-up areas: discs with a ragged, noisy edge."""
     edge = _spectral_noise(rng, size, mpp, beta=2.5, outer_m=250.0, inner_m=8.0)
     mask = np.zeros((size, size), bool)
-    for s in settlements:
+    for s in towns:
         r0, r1, c0, c1 = _bbox(s.row, s.col, 1.4 * s.radius, size)
         rr = np.arange(r0, r1, dtype=_F32)[:, None]
         cc = np.arange(c0, c1, dtype=_F32)[None, :]
@@ -268,7 +275,7 @@ def _urban_mask(rng: np.random.Generator, settlements: list[_Settlement], size: 
     return mask
 
 
-def _bbox(row: float, col: float, half: float, size: int) -> tuple[int, int, int, int]:
+def _bbox(row: float, col: float, half: float, size: int) -> _Box:
     """Integer box ``[r0, r1) x [c0, c1)`` around a point, clipped to the map."""
     r0 = max(0, int(math.floor(row - half)))
     c0 = max(0, int(math.floor(col - half)))
@@ -308,25 +315,33 @@ def _curvy_path(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, step: fl
     return a[None, :] + t[:, None] * chord[None, :] + offset[:, None] * normal[None, :]
 
 
-def _edge_point(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random point on the map border (row, col)."""
+def _edge_point(rng: np.random.Generator, size: int, row: float, col: float) -> np.ndarray:
+    """A point on a random side of the map border, roughly level with (row, col)."""
     side = int(rng.integers(4))
-    u = rng.uniform(0.05, 0.95) * (size - 1)
     edge = float(size - 1) * (side % 2)
+    along = col if side < 2 else row
+    u = float(np.clip(along + rng.normal(0.0, 0.15 * size), 0.0, size - 1.0))
     return np.array([edge, u]) if side < 2 else np.array([u, edge])
 
 
 def _main_road_legs(rng: np.random.Generator, settlements: list[_Settlement], size: int) -> list[np.ndarray]:
-    """Waypoint pairs for main roads: a chain through the villages plus spurs to the border."""
-    theta = rng.uniform(0, np.pi)
-    centres = sorted(((s.row, s.col) for s in settlements), key=lambda p: p[0] * np.cos(theta) + p[1] * np.sin(theta))
-    pts = [np.array(p) for p in centres]
-    legs = [np.stack([pts[i], pts[i + 1]]) for i in range(len(pts) - 1)]
-    legs.append(np.stack([_edge_point(rng, size), pts[0]]))
-    legs.append(np.stack([pts[-1], _edge_point(rng, size)]))
-    for p in pts:
-        if rng.random() < 0.4:
-            legs.append(np.stack([p, _edge_point(rng, size)]))
+    """Waypoint pairs for main roads: each village to its nearest neighbours, plus spurs to the border."""
+    pts = np.array([(s.row, s.col) for s in settlements])
+    pairs: set[tuple[int, int]] = set()
+    if len(pts) > 1:
+        dist = np.hypot(*(pts[:, None, :] - pts[None, :, :]).transpose(2, 0, 1))
+        np.fill_diagonal(dist, np.inf)
+        order = np.argsort(dist, axis=1)
+        for i in range(len(pts)):
+            pairs.add((min(i, int(order[i, 0])), max(i, int(order[i, 0]))))
+            if len(pts) > 2 and rng.random() < 0.4:
+                pairs.add((min(i, int(order[i, 1])), max(i, int(order[i, 1]))))
+    legs = [np.stack([pts[i], pts[j]]) for i, j in sorted(pairs)]
+    spurs = [int(i) for i in rng.permutation(len(pts))[: max(2, len(pts) // 3)]]
+    if len(pts) == 1:
+        spurs = [0, 0]
+    for i in spurs:
+        legs.append(np.stack([pts[i], _edge_point(rng, size, *pts[i])]))
     return legs
 
 
@@ -337,7 +352,7 @@ def _main_roads(
     size = water.shape[0]
     half_w = max(0.6, rng.uniform(3.0, 4.5) / mpp)
     step = max(2.0, 8.0 / mpp)
-    max_bridge_m = 60.0
+    max_bridge_m = 45.0
     for a, b in _main_road_legs(rng, settlements, size):
         best, best_wet = None, np.inf
         for _ in range(4):
@@ -348,7 +363,7 @@ def _main_roads(
                 best, best_wet = path, wet
         if best is None or best_wet * step * mpp > max_bridge_m:
             continue
-        for p, q in zip(best[:-1], best[1:], strict=True):
+        for p, q in itertools.pairwise(best):
             _stamp_segment(roads.cls, p, q, half_w, 2)
             roads.segments.append((p, q, half_w, 2))
 
@@ -385,16 +400,18 @@ def _road_network(
 ) -> _Roads:
     """Streets in every village, then the main roads over them."""
     roads = _Roads(np.zeros(water.shape, np.uint8))
-    for s in settlements:
-        _street_grid(rng, roads, s, urban, water, mpp)
-    _main_roads(rng, roads, settlements, water, mpp)
+    if mpp <= MAX_STREET_MPP:
+        for s in settlements:
+            _street_grid(rng, roads, s, urban, water, mpp)
+    if mpp <= MAX_ROAD_MPP:
+        _main_roads(rng, roads, settlements, water, mpp)
     return roads
 
 
 # --------------------------------------------------------------------------- buildings
 
 
-def _try_building(b: _Buildings, blocked: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+def _try_building(b: _Buildings, blocked: np.ndarray, box: _Box) -> bool:
     """Claim ``box`` for a new building unless it (with a 1 px margin) touches something."""
     r0, r1, c0, c1 = box
     size = blocked.shape[0]
@@ -409,7 +426,7 @@ def _try_building(b: _Buildings, blocked: np.ndarray, box: tuple[int, int, int, 
     return True
 
 
-def _building_box(centre: np.ndarray, along: float, across: float, horizontal: bool) -> tuple[int, int, int, int]:
+def _building_box(centre: np.ndarray, along: float, across: float, horizontal: bool) -> _Box:
     """Axis-aligned box (pixels) of a building ``along`` x ``across`` its street."""
     h_rows, h_cols = (across / 2, along / 2) if horizontal else (along / 2, across / 2)
     r0 = int(round(centre[0] - h_rows))
@@ -428,7 +445,8 @@ def _add_attributes(rng: np.random.Generator, b: _Buildings, tall_chance: float,
     b.heights.append(float(height))
     b.pitched.append(bool(rng.random() < (0.45 if big else 0.7)))
     roof = np.array(_ROOFS[int(rng.integers(len(_ROOFS)))], float) * rng.uniform(0.85, 1.12)
-    b.roofs.append(tuple(float(x) for x in roof * rng.uniform(0.95, 1.05, 3)))  # type: ignore[arg-type]
+    r, g, bl = (float(x) for x in roof * rng.uniform(0.95, 1.05, 3))
+    b.roofs.append((r, g, bl))
 
 
 def _buildings_along(
@@ -454,13 +472,14 @@ def _buildings_along(
         pos = rng.uniform(0.0, 6.0) / mpp
         while pos < length:
             big = rng.random() < 0.08
-            along = rng.uniform(18.0, 40.0) / mpp if big else rng.uniform(8.0, 17.0) / mpp
-            across = rng.uniform(14.0, 26.0) / mpp if big else rng.uniform(7.0, 13.0) / mpp
+            along = max(1.0, rng.uniform(18.0, 40.0) / mpp if big else rng.uniform(8.0, 17.0) / mpp)
+            across = max(1.0, rng.uniform(14.0, 26.0) / mpp if big else rng.uniform(7.0, 13.0) / mpp)
             setback = half_w + rng.uniform(2.0, 9.0) / mpp + across / 2
             centre = a + unit * (pos + along / 2) + normal * side * setback
-            if rng.random() > 0.15 and _try_building(b, blocked, _building_box(centre, along, across, horizontal)):
+            box = _building_box(centre, along, across, horizontal)
+            if rng.random() > 0.15 and _try_building(b, blocked, box):
                 _add_attributes(rng, b, tall_chance, big)
-            pos += along + rng.uniform(2.0, 12.0) / mpp
+            pos += along + max(1.0, rng.uniform(2.0, 12.0) / mpp)
 
 
 def _farmsteads(
@@ -469,7 +488,7 @@ def _farmsteads(
     """A few clusters of barns next to main roads out in the fields."""
     size = blocked.shape[0]
     mains = [sg for sg in roads.segments if sg[3] == 2]
-    n = int(rng.poisson((size * mpp / 1000.0) ** 2 * 1.5))
+    n = min(400, int(rng.poisson((size * mpp / 1000.0) ** 2 * 1.5)))
     for _ in range(min(n, len(mains))):
         a, e, half_w, _ = mains[int(rng.integers(len(mains)))]
         if urban[int(np.clip(a[0], 0, size - 1)), int(np.clip(a[1], 0, size - 1))]:
@@ -510,6 +529,11 @@ def _place_buildings(
 # --------------------------------------------------------------------------- land cover
 
 
+def _row_blocks(size: int, block: int = 256) -> list[slice]:
+    """Row ranges for processing a map in cache-friendly, memory-light strips."""
+    return [slice(r, min(size, r + block)) for r in range(0, size, block)]
+
+
 def _voronoi(rng: np.random.Generator, spacing: float, warp_r: np.ndarray, warp_c: np.ndarray) -> _Parcels:
     """Jittered-grid Voronoi cells of about ``spacing`` pixels, pixel positions displaced by the warp."""
     size = warp_r.shape[0]
@@ -517,44 +541,55 @@ def _voronoi(rng: np.random.Generator, spacing: float, warp_r: np.ndarray, warp_
     grid = np.arange(ncell, dtype=np.float64) - 1.0
     seed_r = ((grid[:, None] + rng.uniform(0.1, 0.9, (ncell, ncell))) * spacing).astype(_F32).ravel()
     seed_c = ((grid[None, :] + rng.uniform(0.1, 0.9, (ncell, ncell))) * spacing).astype(_F32).ravel()
-    pr = np.arange(size, dtype=_F32)[:, None] + warp_r
-    pc = np.arange(size, dtype=_F32)[None, :] + warp_c
+    labels = np.empty((size, size), np.int32)
+    for rows in _row_blocks(size):
+        pr = np.arange(rows.start, rows.stop, dtype=_F32)[:, None] + warp_r[rows]
+        pc = np.arange(size, dtype=_F32)[None, :] + warp_c[rows]
+        labels[rows] = _nearest_seed(pr, pc, spacing, ncell, seed_r, seed_c)
+    return _Parcels(labels, ncell * ncell, seed_r, seed_c)
+
+
+def _nearest_seed(
+    pr: np.ndarray, pc: np.ndarray, spacing: float, ncell: int, seed_r: np.ndarray, seed_c: np.ndarray
+) -> np.ndarray:
+    """Index of the nearest seed for points (pr, pc), searching the 3 x 3 grid cells around each."""
     inv = _F32(1.0 / spacing)
-    ci = np.clip((pr * inv).astype(np.int32) + 1, 1, ncell - 2)
-    cell = np.clip((pc * inv).astype(np.int32) + 1, 1, ncell - 2)
-    cell += ci * np.int32(ncell)
-    del ci
-    best = np.full((size, size), np.inf, _F32)
-    labels = np.zeros((size, size), np.int32)
-    d = np.empty_like(best)
-    e = np.empty_like(best)
+    cell = np.clip((pr * inv).astype(np.intp) + 1, 1, ncell - 2) * ncell
+    cell += np.clip((pc * inv).astype(np.intp) + 1, 1, ncell - 2)
+    best = np.full(pr.shape, np.inf, _F32)
+    labels = np.zeros(pr.shape, np.intp)
     for off in (-ncell - 1, -ncell, -ncell + 1, -1, 0, 1, ncell - 1, ncell, ncell + 1):
-        idx = cell + np.int32(off)
-        np.subtract(pr, np.take(seed_r, idx), out=d)
+        idx = cell + off
+        d = pr - np.take(seed_r, idx, mode="clip")
         d *= d
-        np.subtract(pc, np.take(seed_c, idx), out=e)
-        e *= e
-        d += e
+        e = pc - np.take(seed_c, idx, mode="clip")
+        d += e * e
         closer = d < best
         np.minimum(best, d, out=best)
         np.copyto(labels, idx, where=closer)
-    return _Parcels(labels, ncell * ncell, seed_r, seed_c)
+    return labels
 
 
 def _split_parcels(rng: np.random.Generator, p: _Parcels) -> _Parcels:
     """Cut many cells by up to two random straight lines: parcels of varied size and shape."""
     n = p.n_labels
-    rows = np.arange(p.labels.shape[0], dtype=_F32)[:, None]
-    cols = np.arange(p.labels.shape[1], dtype=_F32)[None, :]
-    dr = rows - p.seed_rows[p.labels]
-    dc = cols - p.seed_cols[p.labels]
-    out = p.labels * 4
-    for bit, chance in ((1, 0.65), (2, 0.4)):
-        ang = rng.uniform(0, np.pi, n).astype(_F32)
+    cuts = []
+    for chance in (0.65, 0.4):
+        ang = rng.uniform(0, np.pi, n)
         off = rng.normal(0.0, 12.0, n).astype(_F32)
         cut = rng.random(n) < chance
-        side = (dr * np.cos(ang)[p.labels] + dc * np.sin(ang)[p.labels]) > off[p.labels]
-        out += bit * (side & cut[p.labels])
+        cuts.append((np.cos(ang).astype(_F32), np.sin(ang).astype(_F32), np.where(cut, off, _F32(np.inf))))
+    size = p.labels.shape[0]
+    out = np.empty_like(p.labels)
+    cols = np.arange(size, dtype=_F32)[None, :]
+    for rows in _row_blocks(size):
+        lab = p.labels[rows].astype(np.intp)
+        dr = np.arange(rows.start, rows.stop, dtype=_F32)[:, None] - p.seed_rows[lab]
+        dc = cols - p.seed_cols[lab]
+        sub = lab * 4
+        for bit, (cos_a, sin_a, offset) in zip((1, 2), cuts, strict=True):
+            sub += bit * ((dr * cos_a[lab] + dc * sin_a[lab]) > offset[lab])
+        out[rows] = sub
     return _Parcels(out, n * 4, p.seed_rows, p.seed_cols)
 
 
@@ -565,9 +600,8 @@ def _parcel_look(rng: np.random.Generator, n: int, mpp: float) -> dict[str, np.n
     colour = np.array([c[1] for c in _CROPS], _F32)[crop]
     colour *= rng.uniform(0.82, 1.15, (n, 1)).astype(_F32) * rng.uniform(0.93, 1.07, (n, 3)).astype(_F32)
     period_px = rng.uniform(3.0, 12.0, n) / mpp
-    contrast = (
-        np.array([c[3] for c in _CROPS])[crop] * rng.uniform(0.5, 1.6, n) * np.clip((period_px - 2.0) / 2.0, 0, 1)
-    )
+    resolved = np.clip((period_px - 2.0) / 2.0, 0, 1)  # rows finer than ~2 px blur away
+    contrast = np.array([c[3] for c in _CROPS])[crop] * rng.uniform(0.5, 1.6, n) * resolved
     angle = rng.uniform(0, np.pi, n)
     freq = 2 * np.pi / np.maximum(period_px, 1.0)
     return {
@@ -587,12 +621,15 @@ def _parcel_look(rng: np.random.Generator, n: int, mpp: float) -> dict[str, np.n
 def _field_colours(p: _Parcels, look: dict[str, np.ndarray], tone: np.ndarray) -> np.ndarray:
     """Base RGB of the agricultural layer: parcel colour x crop rows x slow tone variation."""
     size = p.labels.shape[0]
-    lab = p.labels
-    rows = np.arange(size, dtype=_F32)[:, None]
+    out = np.empty((size, size, 3), _F32)
     cols = np.arange(size, dtype=_F32)[None, :]
-    wave = np.sin(cols * look["kx"][lab] + rows * look["ky"][lab] + look["phase"][lab])
-    mod = _F32(1.0) + look["contrast"][lab] * wave + _F32(0.07) * tone
-    return look["colour"][lab] * mod[..., None]
+    for rows in _row_blocks(size):
+        lab = p.labels[rows].astype(np.intp)
+        r = np.arange(rows.start, rows.stop, dtype=_F32)[:, None]
+        wave = np.sin(cols * look["kx"][lab] + r * look["ky"][lab] + look["phase"][lab])
+        mod = _F32(1.0) + look["contrast"][lab] * wave + _F32(0.07) * tone[rows]
+        out[rows] = look["colour"][lab] * mod[..., None]
+    return out
 
 
 def _boundaries(labels: np.ndarray) -> np.ndarray:
@@ -615,11 +652,9 @@ class _Cover:
     plots: np.ndarray
 
 
-def _land_cover(
-    rng: np.random.Generator, terrain: np.ndarray, water: np.ndarray, urban: np.ndarray, mpp: float
-) -> _Cover:
+def _land_cover(rng: np.random.Generator, water: np.ndarray, urban: np.ndarray, mpp: float) -> _Cover:
     """Parcels, forest (noise-shaped and whole-parcel woods), hedgerows, trees and garden plots."""
-    size = terrain.shape[0]
+    size = water.shape[0]
     warp_r = _spectral_noise(rng, size, mpp, 2.5, 400.0, 20.0)
     warp_c = _spectral_noise(rng, size, mpp, 2.5, 400.0, 20.0)
     spacing = max(3.0, rng.uniform(120.0, 170.0) / mpp)
@@ -782,7 +817,7 @@ def _render(
     urban: np.ndarray,
     mpp: float,
 ) -> np.ndarray:
-    """Aerial image: base colours x (ambient + direct light x hillshade x sunlit) + sensor noise."""
+    """Aerial image: base colours x (ambient + direct light x hillshade x sunlit), haze, sensor noise."""
     size = elevation.shape[0]
     base = _base_colours(rng, cover, water, depth, roads, b, urban, mpp)
     relief = elevation + _canopy(cover, rng, mpp)
@@ -790,7 +825,8 @@ def _render(
     del relief
     light = _F32(AMBIENT) + _F32(1.0 - AMBIENT) * direct
     del direct
-    base *= light[..., None]
+    base *= (_F32(1.0 - HAZE_SHARE) * light)[..., None]
+    base += np.asarray(HAZE_RGB, _F32)
     base += _F32(3.0) * rng.standard_normal((size, size, 1), dtype=_F32)
     base += _F32(1.5) * rng.standard_normal((size, size, 3), dtype=_F32)
     return np.clip(base + _F32(0.5), 0, 255).astype(np.uint8)
@@ -803,7 +839,7 @@ def synthesize_world(size: int, seed: int, metres_per_pixel: float = 1.0) -> Wor
     """Generate and render a deterministic world ``size`` x ``size`` pixels.
 
     Args:
-        size: side of the square world in pixels (64 and up).
+        size: side of the square world in pixels (at least 16; 64 to 8192 is the tested range).
         seed: seed of the only random generator used; equal inputs give byte-identical output.
         metres_per_pixel: ground sample distance; all features are sized in metres.
 
@@ -823,7 +859,7 @@ def synthesize_world(size: int, seed: int, metres_per_pixel: float = 1.0) -> Wor
     urban = _urban_mask(rng, settlements, size, mpp) & ~water
     roads = _road_network(rng, settlements, urban, water, mpp)
     b = _place_buildings(rng, roads, settlements, urban, water, mpp)
-    cover = _land_cover(rng, terrain, water, urban, mpp)
+    cover = _land_cover(rng, water, urban, mpp)
     cover.trees &= (roads.cls == 0) & (b.ids == 0)
     water_only = water & (roads.cls == 0)
     depth = np.clip(surface - terrain, 0.0, None) + _F32(0.5)
