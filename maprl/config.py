@@ -113,6 +113,12 @@ class EncoderParams(_Section):
     cache_shifts: int = Field(
         0, ge=0, le=16, description="Shifted encoder passes per axis for the cache (0: enough to reach cache_stride)."
     )
+    border: int | None = Field(
+        None, ge=0, le=16, description="Feature cells dropped at each view edge before pooling (None: per kind)."
+    )
+    pool_grid: int = Field(2, ge=1, le=4, description="Pool features over pool_grid x pool_grid boxes (1: global).")
+    whiten: bool = Field(True, description="PCA-whiten embeddings with statistics of the map's own views.")
+    out_dim: int = Field(256, ge=0, le=8192, description="Whitened dimensions kept (0: all).")
     ssl_steps: int = Field(300, ge=0, le=100_000, description="Contrastive pretraining steps (weights: ssl).")
     ssl_batch_size: int = Field(64, ge=4, le=1024)
     ssl_lr: float = Field(1e-3, gt=0, le=1)
@@ -139,6 +145,9 @@ class AgentParams(_Section):
 
 
 class TrainParams(_Section):
+    hparams: Literal["tuned", "params"] = Field(
+        "tuned", description="tuned: best trial of the tune stage (models/best_hparams.yaml); params: the values below."
+    )
     algo: Literal["ppo", "recurrent_ppo"] = "ppo"
     total_timesteps: int = Field(300_000, ge=0)
     n_envs: int = Field(32, ge=1, le=4096)
@@ -165,6 +174,200 @@ class TrainParams(_Section):
     progress_bar: bool = True
 
 
+class TuneParams(_Section):
+    """Optuna study over PPO hyperparameters (owned by maprl/tuning.py; see README "Tuning").
+
+    ``space`` maps a hyperparameter to ``{low, high, log, step}`` or ``{choices: [...]}``. Names are the
+    ``train`` keys learning_rate, n_steps, batch_size, n_epochs, gamma, gae_lambda, clip_range, ent_coef,
+    vf_coef and max_grad_norm, or ``one_minus_gamma`` (x is sampled, gamma = 1 - x; use ``log: true``).
+    ``n_steps`` and ``batch_size`` take powers of two: ``choices``, or ``low``/``high`` sampled on the
+    exponent. Keys left out of ``space`` keep their ``train`` value. Sampler and trials seed from ``base.seed``.
+    """
+
+    n_trials: int = Field(
+        4, ge=1, le=100_000, description="Finished (complete + pruned) trials wanted in the study, across workers."
+    )
+    timesteps: int = Field(30_000, ge=1, description="PPO timesteps per trial.")
+    n_envs: int | None = Field(
+        None, ge=1, le=4096, description="Envs per trial (null: train.n_envs, so n_steps and batch_size transfer)."
+    )
+    sampler: Literal["anneal", "tpe", "random", "cmaes"] = Field(
+        "anneal", description="anneal: seeded simulated annealing; tpe, random, cmaes: Optuna's samplers."
+    )
+    objective: Literal["success_rate", "spl"] = Field("spl", description="Validation metric the study maximises.")
+    eval_episodes: int = Field(32, ge=1, le=100_000, description="Validation episodes per report.")
+    n_evaluations: int = Field(
+        3, ge=1, le=1000, description="Reports per trial, evenly spaced; the last (after training) is its value."
+    )
+    pruner_startup_trials: int = Field(2, ge=0, description="MedianPruner: finished trials before any pruning.")
+    pruner_warmup_steps: int = Field(1, ge=0, description="MedianPruner: first reports of a trial never pruned.")
+    storage: str = Field(
+        "data/tune/study.journal",
+        min_length=1,
+        description="Journal file (one machine), postgresql://user:pw@host/db (several machines) or sqlite:///f.db.",
+    )
+    study_name: str = Field("maprl", min_length=1, description="Study name in the storage; workers join it by name.")
+    heartbeat_interval: int = Field(
+        60, ge=1, description="Seconds between heartbeats of a running trial (database storage only)."
+    )
+    grace_period: int = Field(
+        180, ge=2, description="Seconds without a heartbeat before a trial counts as dead (database storage only)."
+    )
+    max_retry: int = Field(2, ge=0, le=100, description="Re-runs of a trial whose worker died.")
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: TuneParams.default_space(),
+        description="Search space: name -> {low, high, log, step} or {choices: [...]} (README 'Tuning').",
+    )
+
+    @staticmethod
+    def default_space() -> dict[str, dict[str, Any]]:
+        """The search space used when params.yaml gives none (rl-zoo-like ranges for PPO)."""
+        return {
+            "learning_rate": {"low": 1e-4, "high": 3e-3, "log": True},
+            "n_steps": {"choices": [64, 128, 256]},
+            "batch_size": {"choices": [256, 512, 1024]},
+            "n_epochs": {"low": 3, "high": 10},
+            "one_minus_gamma": {"low": 0.005, "high": 0.1, "log": True},
+            "gae_lambda": {"low": 0.9, "high": 0.99},
+            "ent_coef": {"low": 1e-8, "high": 1e-2, "log": True},
+            "clip_range": {"low": 0.1, "high": 0.3},
+        }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_space(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "space" in data:
+            data = {**data, "space": cls.check_space(data["space"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneParams:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must be larger than heartbeat_interval ({self.heartbeat_interval})"
+            )
+        scheme = self.storage.split("://")[0].split("+")[0] if "://" in self.storage else None
+        if scheme is not None and scheme not in ("postgresql", "sqlite", "mysql"):
+            raise ValueError(
+                f"storage: unsupported URL scheme {scheme!r}; use a journal file path, "
+                "postgresql://user:password@host/db or sqlite:///file.db"
+            )
+        return self
+
+    @classmethod
+    def check_space(cls, space: Any) -> dict[str, dict[str, Any]]:
+        """Validate and normalise a search space; ``ValueError`` names the bad key."""
+        names = {
+            "learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda",
+            "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "one_minus_gamma",
+        }  # fmt: skip
+        if not isinstance(space, dict) or not space:
+            raise ValueError("space must be a non-empty mapping: hyperparameter -> {low, high, log} or {choices}")
+        unknown = sorted(str(k) for k in set(space) - names)
+        if unknown:
+            raise ValueError(
+                f"space: unknown hyperparameter(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
+            )
+        if "gamma" in space and "one_minus_gamma" in space:
+            raise ValueError("space: give gamma or one_minus_gamma, not both")
+        return {name: cls._check_spec(name, spec) for name, spec in space.items()}
+
+    @classmethod
+    def _check_spec(cls, name: str, spec: Any) -> dict[str, Any]:
+        where = f"space.{name}"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} must be a mapping: {{low, high, log}} or {{choices: [...]}} (got {spec!r})")
+        extra = sorted(str(k) for k in set(spec) - {"low", "high", "log", "step", "choices"})
+        if extra:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(extra)}; use low, high, log, step or choices")
+        out = cls._check_choices(where, spec) if "choices" in spec else cls._check_range(where, spec)
+        if name in ("n_steps", "batch_size", "n_epochs"):
+            out = cls._as_int(where, name, out)
+        values = out["choices"] if "choices" in out else [out["low"], out["high"]]
+        if name in ("n_steps", "batch_size"):
+            cls._check_power_of_two(where, out, values)
+        cls._check_limits(name, where, values)
+        return out
+
+    @staticmethod
+    def _as_int(where: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        nums = [spec[k] for k in ("low", "high", "step") if spec.get(k) is not None] + spec.get("choices", [])
+        if any(float(v) != int(v) for v in nums):
+            raise ValueError(f"{where}: {name} takes integers; got {nums}")
+        out = {k: v if k == "log" or v is None else int(v) for k, v in spec.items() if k != "choices"}
+        return {"choices": [int(v) for v in spec["choices"]]} if "choices" in spec else out
+
+    @staticmethod
+    def _number(where: str, value: Any) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"{where} must be a number (got {value!r})")
+        try:
+            x = value if not isinstance(value, str) else float(value)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            raise ValueError(f"{where} must be a number (got {value!r})") from None
+        if x != x or x in (float("inf"), float("-inf")):
+            raise ValueError(f"{where} must be finite (got {value!r})")
+        return x
+
+    @classmethod
+    def _check_choices(cls, where: str, spec: dict[str, Any]) -> dict[str, Any]:
+        if set(spec) != {"choices"}:
+            raise ValueError(f"{where}: choices cannot be combined with low, high, log or step")
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"{where}.choices must be a non-empty list (got {choices!r})")
+        values = [cls._number(f"{where}.choices", v) for v in choices]
+        if len(set(values)) != len(values):
+            raise ValueError(f"{where}.choices has duplicates: {values}")
+        return {"choices": values}
+
+    @classmethod
+    def _check_range(cls, where: str, spec: dict[str, Any]) -> dict[str, Any]:
+        if "low" not in spec or "high" not in spec:
+            raise ValueError(f"{where} needs low and high (or choices: [...])")
+        low, high = cls._number(f"{where}.low", spec["low"]), cls._number(f"{where}.high", spec["high"])
+        if low > high:
+            raise ValueError(f"{where}: low ({low}) > high ({high})")
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise ValueError(f"{where}.log must be true or false (got {log!r})")
+        step = None if spec.get("step") is None else cls._number(f"{where}.step", spec["step"])
+        if log and low <= 0:
+            raise ValueError(f"{where}: log: true needs low > 0 (got {low})")
+        if step is not None and (step <= 0 or log):
+            raise ValueError(f"{where}.step must be > 0 and cannot be combined with log: true")
+        return {"low": low, "high": high, "log": log, "step": step}
+
+    @staticmethod
+    def _check_power_of_two(where: str, spec: dict[str, Any], values: list[Any]) -> None:
+        bad = [v for v in values if int(v) < 1 or int(v) & (int(v) - 1)]
+        if bad:
+            what = "choices" if "choices" in spec else "low and high"
+            raise ValueError(f"{where}: {what} must be powers of two (64, 128, 256, ...); not {bad}")
+        if "choices" not in spec and (spec.get("log") or spec.get("step") not in (None, 1)):
+            raise ValueError(f"{where}: low/high are sampled on the exponent (powers of two); drop log and step")
+
+    @staticmethod
+    def _check_limits(name: str, where: str, values: list[Any]) -> None:
+        rules: dict[str, tuple[Any, str]] = {
+            "learning_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "one_minus_gamma": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "gae_lambda": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "clip_range": (lambda v: v > 0, "> 0"),
+            "ent_coef": (lambda v: v >= 0, ">= 0"),
+            "vf_coef": (lambda v: v >= 0, ">= 0"),
+            "max_grad_norm": (lambda v: v > 0, "> 0"),
+            "n_epochs": (lambda v: v >= 1, ">= 1"),
+            "n_steps": (lambda v: v >= 2, ">= 2"),
+            "batch_size": (lambda v: v >= 2, ">= 2"),
+        }
+        ok, text = rules[name]
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise ValueError(f"{where}: {name} must be {text}; got {bad}")
+
+
 class EvaluateParams(_Section):
     episodes: int = Field(200, ge=1, description="Fixed episodes per split.")
     max_steps: int = Field(100, ge=1, description="Step budget per episode.")
@@ -181,6 +384,7 @@ class Params(_Section):
     encoder: EncoderParams = EncoderParams()
     agent: AgentParams = AgentParams()
     train: TrainParams = TrainParams()
+    tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
 
 
