@@ -16,6 +16,8 @@ EPILOG = """\
 examples:
   maprl fetch                      # build data/map/map.tif from params.yaml (default: synthetic world)
   maprl tile                       # sample target crops and the train/test split
+  maprl encode / tune / train / evaluate   # the other stages, one by one
+  maprl tune-worker --storage postgresql://user:pw@db-host/maprl --study maprl   # extra tuning worker
   maprl check-params               # validate params.yaml and print the resolved values
   dvc repro                        # run the whole pipeline with caching
 """
@@ -29,6 +31,33 @@ def cmd_params_table(args: argparse.Namespace) -> None:
     from maprl.config import params_table
 
     print(params_table())
+
+
+def cmd_tune_worker(args: argparse.Namespace) -> Any:
+    from maprl.runtime import load_runtime
+    from maprl.tuning import run_worker
+
+    params = _params(args)
+    rt = load_runtime(params, args.map, args.targets, args.features)
+    return {"trials_run": run_worker(args.storage, args.study, params, rt, args.n_trials)}
+
+
+def _add_tune_worker(sub: Any) -> None:
+    text = (
+        "Join an Optuna study as an extra worker (another machine sharing a PostgreSQL storage). "
+        "Run `dvc repro encode` (or `dvc pull`) there first so the map, targets and features exist."
+    )
+    p = sub.add_parser("tune-worker", help=text, description=text)
+    p.add_argument("--storage", required=True, help="study storage, e.g. postgresql://user:pw@host:5432/maprl")
+    p.add_argument("--study", default="maprl", help="study name (tune.study_name; default: maprl)")
+    p.add_argument(
+        "--n-trials", type=int, default=None, help="stop when the study has this many (default: tune.n_trials)"
+    )
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument("--map", default="data/map/map.tif", help="map GeoTIFF")
+    p.add_argument("--targets", default="data/targets/targets.csv", help="targets table")
+    p.add_argument("--features", default="data/features", help="encode stage output")
+    p.set_defaults(func=cmd_tune_worker)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-params", help=text, description=text)
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.set_defaults(func=cmd_check_params)
+    _add_tune_worker(sub)
     text = "Print the README's params table (markdown), generated from the validated models."
     sub.add_parser("params-table", help=text, description=text).set_defaults(func=cmd_params_table)
     return parser

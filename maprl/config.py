@@ -336,7 +336,10 @@ class TuneParams(_Section):
             raise ValueError(f"{where}: log: true needs low > 0 (got {low})")
         if step is not None and (step <= 0 or log):
             raise ValueError(f"{where}.step must be > 0 and cannot be combined with log: true")
-        return {"low": low, "high": high, "log": log, "step": step}
+        out: dict[str, Any] = {"low": low, "high": high}
+        out.update({"log": True} if log else {})
+        out.update({} if step is None else {"step": step})
+        return out
 
     @staticmethod
     def _check_power_of_two(where: str, spec: dict[str, Any], values: list[Any]) -> None:

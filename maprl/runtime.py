@@ -49,15 +49,25 @@ def pooled_memory(scene: Scene, stride: int, min_separation: float) -> MapMemory
 
 
 def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path) -> Runtime:
+    """The scene in the encode stage's feature space, its map memory and the calibrated stop threshold.
+
+    Without an encode output (``features_dir`` missing) it falls back to the ``pooled`` space and
+    ``env.success_threshold``; tests and the Gymnasium env use that.
+    """
+    from maprl.encoders import load_space
+
     m = read_map(map_path)
     targets = with_validation(read_targets(targets_path), params.train.val_fraction, params.base.seed)
     view = params.tile.view_size
-    scene = Scene(m, targets, PooledFeatures(m.rgb, view), view)
     radius = params.evaluate.success_radius
-    memory = pooled_memory(scene, 16, 2 * radius) if params.agent.memory == "retrieval" else None
     calib = Path(features_dir) / "calibration.json"
-    stop = json.loads(calib.read_text())["stop_threshold"] if calib.exists() else params.env.success_threshold
-    return Runtime(scene, memory, float(stop))
+    if not calib.exists():
+        scene = Scene(m, targets, PooledFeatures(m.rgb, view), view)
+        return Runtime(scene, pooled_memory(scene, 16, 2 * radius), float(params.env.success_threshold))
+    space = load_space(features_dir, m)
+    scene = Scene(m, targets, space, view)
+    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
+    return Runtime(scene, memory, float(json.loads(calib.read_text())["stop_threshold"]))
 
 
 def nav_config(params: Params, rt: Runtime, *, max_steps: int, shaping: float) -> NavConfig:

@@ -72,8 +72,22 @@ def _train(args: argparse.Namespace) -> Any:
 
     params = agent_params(_params(args), args.agent)
     rt = load_runtime(params, args.map, args.targets, args.features)
+    hparams = None
+    if params.train.hparams == "tuned":
+        from maprl.tuning import load_best_hparams
+
+        hparams = load_best_hparams(args.best)
     out = f"models/{args.agent}"
-    return run_train(params, rt, out, f"metrics/train-{args.agent}.json", f"dvclive/train-{args.agent}")
+    return run_train(params, rt, out, f"metrics/train-{args.agent}.json", f"dvclive/train-{args.agent}", hparams)
+
+
+def _tune(args: argparse.Namespace) -> Any:
+    from maprl.runtime import load_runtime
+    from maprl.tuning import run_tune
+
+    params = _params(args)
+    rt = load_runtime(params, args.map, args.targets, args.features)
+    return run_tune(params, rt, args.out, args.best, args.metrics)
 
 
 def _evaluate(args: argparse.Namespace) -> Any:
@@ -104,14 +118,30 @@ STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], Any], list[tuple[str
         ],
     ),
     "encode": (
-        "Build the encoder (optionally self-supervised on the map) and the dense feature cache; calibrate the stop rule.",
+        "Build the encoder (optionally self-supervised on the map) and the dense feature cache; calibrate the stop.",
         _encode,
         [*_INPUTS, ("--out", "data/features", "output folder"), ("--metrics", "metrics/encode.json", "metrics JSON")],
+    ),
+    "tune": (
+        "Optuna study over PPO hyperparameters on the validation part of the train split (resumable).",
+        _tune,
+        [
+            *_INPUTS,
+            ("--features", "data/features", "encode stage output"),
+            ("--out", "data/tune", "study folder (journal, trials.csv, tune.png)"),
+            ("--best", "models/best_hparams.yaml", "best hyperparameters"),
+            ("--metrics", "metrics/tune.json", "metrics JSON"),
+        ],
     ),
     "train": (
         "Train the PPO agent on the batched feature env (--agent memory: with map memory; original: without).",
         _train,
-        [*_INPUTS, ("--features", "data/features", "encode stage output"), ("--agent", "memory", "memory | original")],
+        [
+            *_INPUTS,
+            ("--features", "data/features", "encode stage output"),
+            ("--agent", "memory", "memory | original"),
+            ("--best", "models/best_hparams.yaml", "tuned hyperparameters (train.hparams: tuned)"),
+        ],
     ),
     "evaluate": (
         "Evaluate the agents and the baselines on fixed episodes; write metrics, episodes.csv, plots and a GIF.",

@@ -7,6 +7,8 @@ set -e
 ruff check .
 ruff format --check maprl pipeline benchmarks tests
 mypy
+# PostgreSQL for the multi-worker tuning test (prints an export, or a reason and nothing to export).
+eval "$(bash scripts/postgres.sh)" || true
 set +e
 python -m pytest "$@"
 code=$?

@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "fetch": {"size": 192},
     "tile": {"n_targets": 24, "view_size": 32, "block_size": 64},
+    "encoder": {"input_size": 32, "ssl_steps": 3, "ssl_batch_size": 8},
+    "tune": {"n_trials": 2, "timesteps": 256, "eval_episodes": 4, "n_evaluations": 2},
+    "train": {
+        "total_timesteps": 512,
+        "n_envs": 4,
+        "n_steps": 32,
+        "batch_size": 64,
+        "max_steps": 10,
+        "eval_freq": 256,
+        "eval_episodes": 4,
+        "checkpoint_freq": 256,
+        "progress_bar": False,
+    },
+    "evaluate": {"episodes": 4, "max_steps": 10, "gif_steps": 5},
 }
 
 
@@ -52,9 +66,17 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     assert (repo / "data" / "map" / "map.tif").exists()
     tile = json.loads((repo / "metrics" / "tile.json").read_text())
     assert tile["n_test"] + tile["n_train"] == 24
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert set(ev["agent"]) == {"train", "test"} and "retrieve_then_fly" in ev["baselines"]
+    assert (repo / "data" / "eval" / "episode.gif").exists() and (repo / "models" / "best_hparams.yaml").exists()
+    assert json.loads((repo / "metrics" / "tune.json").read_text())["n_trials"] >= 2
 
     again = _run(["dvc", "repro"], repo)
     assert "Running stage" not in again
+
+    exp = _run(["dvc", "exp", "run", "-S", "evaluate.episodes=6"], repo)
+    assert "Running stage 'evaluate'" in exp and "Running stage 'fetch'" not in exp
+    assert "Running stage 'train" not in exp
 
     exp = _run(["dvc", "exp", "run", "-S", "tile.test_fraction=0.3"], repo)
     assert "Running stage 'tile'" in exp and "Running stage 'fetch'" not in exp

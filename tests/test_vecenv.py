@@ -5,7 +5,6 @@ import pytest
 import torch
 from gymnasium.wrappers import TimeLimit
 
-from conftest import grid_targets
 from maprl.env import SatelliteNavEnv
 from maprl.geo import MapData
 from maprl.memory import MapMemory
@@ -14,6 +13,8 @@ from maprl.policies import MapRLNetwork, MapRLPolicy
 from maprl.runtime import pooled_memory
 from maprl.scene import Scene
 from maprl.vecenv import NavVecEnv
+
+from conftest import grid_targets
 
 V = 32
 

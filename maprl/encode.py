@@ -1,0 +1,242 @@
+"""The ``encode`` stage: build (and for ``ssl`` pretrain) the encoder, cache it over the map, calibrate the stop rule.
+
+Outputs in ``out_dir``: ``cache.npz`` and ``encoder.pt`` (see :mod:`maprl.encoders`),
+``calibration.json`` (the stop threshold and what it does) and ``ssl_loss.csv``; plus the
+metrics JSON:
+
+* ``cache_agreement``: cosine between the cached ``embed_at`` and the exact ``embed_view``
+  of the same crop, at random valid positions (mostly off the grid) and at grid nodes;
+* ``retrieval_accuracy``: share of targets whose nearest cached grid embedding lies within
+  the success radius of the truth, per split;
+* ``far_pair_similarity``: similarity of unrelated views (more than one view apart) in raw
+  pixels (high, as all pixels are positive) and in the encoder's space;
+* ``stop``: the calibration below.
+
+Stop-threshold calibration (train targets only): the success radius is ``view_size / 4``
+(56 px for 224 px views). For every train target, the similarity between its photo
+(``embed_view`` of its crop) and the cached embedding of every valid grid node more than two
+radii away is a *far* sample; nodes within one radius are *near* samples. The threshold is
+the ``stop_quantile`` quantile of the far samples plus ``stop_margin``, so a view far from
+the target almost never passes it. Reported with it: the share of far samples that pass
+(train, and test targets as a held-out check), the share of near samples that pass (the
+recall), and the median similarity at the target itself and at half a radius from it. The
+threshold must stay below the on-target similarity or an agent could never stop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from maprl.config import EncoderParams, Params
+from maprl.encoders import MapSpace, PooledGrid, build_space, train_encoder
+from maprl.features import FeatureSpace, PixelFeatures, crop_views, lookalike_rate, valid_centres
+from maprl.geo import MapData, atomic_path, read_map, write_json
+from maprl.tiling import read_targets
+
+
+# -- building ------------------------------------------------------------------------------
+def encode_map(p: EncoderParams, m: MapData, view_size: int, seed: int) -> tuple[MapSpace, dict[str, Any]]:
+    """Train (ssl) and cache the encoder of ``p`` on ``m``; returns the space and timings / loss curve."""
+    torch.set_num_threads(p.torch_threads)
+    t0 = time.perf_counter()
+    if p.kind == "pooled":
+        space: MapSpace = PooledGrid(m, view_size, p.cache_stride)
+        return space, {"seconds_ssl": 0.0, "seconds_cache": time.perf_counter() - t0, "ssl_loss": []}
+    encoder, losses = train_encoder(p, m, view_size, seed)
+    t1 = time.perf_counter()
+    space = build_space(p, encoder, m, view_size)
+    return space, {"seconds_ssl": t1 - t0, "seconds_cache": time.perf_counter() - t1, "ssl_loss": losses}
+
+
+# -- measurements --------------------------------------------------------------------------
+def _random_positions(ok: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` continuous (x, y) positions whose rounded centre is a valid view centre."""
+    ys, xs = np.nonzero(ok)
+    i = rng.integers(0, len(xs), n)
+    return np.stack([xs[i], ys[i]], 1) + rng.uniform(-0.49, 0.49, (n, 2))
+
+
+def cache_agreement(space: MapSpace, m: MapData, rng: np.random.Generator, n: int = 200) -> dict[str, float]:
+    """Cosine between ``embed_at`` and the exact ``embed_view`` at ``n`` positions (3/4 off-grid, 1/4 nodes)."""
+    ok = valid_centres(m.valid, space.view_size)
+    nodes = space.grid_positions()
+    pos = np.concatenate([_random_positions(ok, n - n // 4, rng), nodes[rng.integers(0, len(nodes), n // 4)]])
+    views = crop_views(m.rgb, pos[:, 0], pos[:, 1], space.view_size)
+    cos = np.sum(space.embed_at(pos[:, 0], pos[:, 1]) * space.embed_view(views), axis=1)
+    off = cos[: n - n // 4]
+    return {
+        "mean": float(cos.mean()),
+        "p05": float(np.percentile(cos, 5)),
+        "off_grid_mean": float(off.mean()),
+        "on_grid_mean": float(cos[n - n // 4 :].mean()),
+        "n": int(n),
+    }
+
+
+def target_embeddings(space: FeatureSpace, m: MapData, targets: pd.DataFrame) -> np.ndarray:
+    """``embed_view`` of each target's crop: (T, D)."""
+    xy = targets[["x", "y"]].to_numpy(float)
+    return space.embed_view(crop_views(m.rgb, xy[:, 0], xy[:, 1], space.view_size))
+
+
+def retrieval_accuracy(space: MapSpace, queries: np.ndarray, truth: np.ndarray, radius: float) -> float:
+    """Share of queries whose most similar grid embedding lies within ``radius`` of the truth (T, 2)."""
+    if len(queries) == 0:
+        return float("nan")
+    best = np.argmax(queries @ space.grid_embeddings().T, axis=1)
+    return float(np.mean(np.linalg.norm(space.grid_positions()[best] - truth, axis=1) <= radius))
+
+
+def far_pair_similarity(space: MapSpace, m: MapData, rng: np.random.Generator, n: int = 1000) -> dict[str, float]:
+    """Similarity of unrelated views (centres more than a view apart): raw pixels vs the space."""
+    centres = space.grid_positions()
+    pixels = lookalike_rate(
+        PixelFeatures(m.rgb, space.view_size), centres, np.random.default_rng(rng.integers(1 << 31)), n
+    )
+    mine = lookalike_rate(space, centres, np.random.default_rng(rng.integers(1 << 31)), n)
+    return {
+        "pixels_mean": pixels["far_pair_similarity_mean"],
+        "pixels_p99": pixels["far_pair_similarity_p99"],
+        "encoder_mean": mine["far_pair_similarity_mean"],
+        "encoder_p99": mine["far_pair_similarity_p99"],
+    }
+
+
+# -- stop threshold ------------------------------------------------------------------------
+def near_far_similarities(
+    space: MapSpace, queries: np.ndarray, truth: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Similarities of target photos to grid nodes within ``radius`` (near) and beyond ``2 * radius`` (far)."""
+    pos, emb = space.grid_positions(), space.grid_embeddings()
+    near, far = [], []
+    for start in range(0, len(queries), 64):
+        sims = queries[start : start + 64] @ emb.T
+        dist = np.linalg.norm(pos[None, :, :] - truth[start : start + 64, None, :], axis=2)
+        near.append(sims[dist <= radius])
+        far.append(sims[dist > 2 * radius])
+    return np.concatenate(near), np.concatenate(far)
+
+
+def offset_similarity(space: MapSpace, m: MapData, queries: np.ndarray, truth: np.ndarray, offset: float) -> float:
+    """Median similarity of each target photo to the cached view ``offset`` px from it (random direction)."""
+    rng = np.random.default_rng(0)
+    ang = rng.uniform(0, 2 * np.pi, len(truth))
+    pos = truth + offset * np.stack([np.cos(ang), np.sin(ang)], 1)
+    lo = space.view_size / 2 - 0.5
+    pos[:, 0] = np.clip(pos[:, 0], lo, m.width - lo - 1)
+    pos[:, 1] = np.clip(pos[:, 1], lo, m.height - lo - 1)
+    return float(np.median(np.sum(space.embed_at(pos[:, 0], pos[:, 1]) * queries, axis=1)))
+
+
+def calibrate_stop(
+    space: MapSpace,
+    m: MapData,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    radius: float,
+    p: EncoderParams,
+) -> dict[str, Any]:
+    """Stop threshold from far similarities of the train targets (see the module docstring).
+
+    ``train`` and ``test`` are (target embeddings, target xy) pairs; test only reports.
+    """
+    near, far = near_far_similarities(space, *train, radius)
+    threshold = float(np.quantile(far, p.stop_quantile) + p.stop_margin) if len(far) else 1.0
+    near_test, far_test = near_far_similarities(space, *test, radius) if len(test[0]) else (near[:0], far[:0])
+    at0 = offset_similarity(space, m, *train, 0.0)
+    return {
+        "stop_threshold": threshold,
+        "radius": radius,
+        "quantile": p.stop_quantile,
+        "margin": p.stop_margin,
+        "far_quantile_value": threshold - p.stop_margin,
+        "far_max": float(far.max()) if len(far) else float("nan"),
+        "far_pass_rate": _rate(far, threshold),
+        "far_pass_rate_test": _rate(far_test, threshold),
+        "near_recall": _rate(near, threshold),
+        "near_recall_test": _rate(near_test, threshold),
+        "median_similarity_0px": at0,
+        "median_similarity_half_radius": offset_similarity(space, m, *train, radius / 2),
+        "threshold_below_on_target": bool(threshold < at0),
+        "n_targets": len(train[0]),
+        "n_far": len(far),
+        "n_near": len(near),
+    }
+
+
+def _rate(sims: np.ndarray, threshold: float) -> float:
+    return float(np.mean(sims >= threshold)) if len(sims) else float("nan")
+
+
+# -- the stage -----------------------------------------------------------------------------
+def _split(space: MapSpace, m: MapData, targets: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = targets[targets["split"] == split]
+    return target_embeddings(space, m, rows), rows[["x", "y"]].to_numpy(float)
+
+
+def measure(
+    space: MapSpace, m: MapData, targets: pd.DataFrame, p: EncoderParams, seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quality metrics of a cached space and its stop calibration: (metrics, calibration)."""
+    rng = np.random.default_rng([seed, 11])
+    radius = space.view_size / 4
+    train, test = _split(space, m, targets, "train"), _split(space, m, targets, "test")
+    calibration = calibrate_stop(space, m, train, test, radius, p)
+    metrics = {
+        "dim": int(space.dim),
+        "grid_nodes": len(space.grid_positions()),
+        "cache_agreement": cache_agreement(space, m, rng),
+        "retrieval_accuracy": {
+            "train": retrieval_accuracy(space, *train, radius),
+            "test": retrieval_accuracy(space, *test, radius),
+            "radius": radius,
+        },
+        "far_pair_similarity": far_pair_similarity(space, m, rng),
+    }
+    return metrics, calibration
+
+
+def _save_outputs(space: MapSpace, out: Path, calibration: dict[str, Any], losses: list[float]) -> None:
+    space.save(out)
+    if isinstance(space, PooledGrid):  # keep the stage's outputs the same for every kind
+        with atomic_path(out / "encoder.pt") as tmp:
+            torch.save({"kind": "pooled", "state_dict": {}}, tmp)
+    write_json(out / "calibration.json", calibration)
+    with atomic_path(out / "ssl_loss.csv") as tmp:
+        pd.DataFrame({"step": np.arange(len(losses)), "loss": losses}).to_csv(tmp, index=False)
+
+
+def run_encode(
+    params: Params, map_path: str | Path, targets_path: str | Path, out_dir: str | Path, metrics_path: str | Path
+) -> dict[str, Any]:
+    """Run the encode stage; returns the metrics written to ``metrics_path``."""
+    t0 = time.perf_counter()
+    p, view, seed = params.encoder, params.tile.view_size, params.base.seed
+    m, targets = read_map(map_path), read_targets(targets_path)
+    space, info = encode_map(p, m, view, seed)
+    metrics, calibration = measure(space, m, targets, p, seed)
+    _save_outputs(space, Path(out_dir), calibration, info["ssl_loss"])
+    losses = info["ssl_loss"]
+    metrics.update(
+        encoder={"kind": p.kind, "weights": p.weights, "input_size": p.input_size, "cache_stride": p.cache_stride},
+        seconds={
+            "total": round(time.perf_counter() - t0, 2),
+            "ssl": round(info["seconds_ssl"], 2),
+            "cache": round(info["seconds_cache"], 2),
+        },
+        ssl={"steps": len(losses), "loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])},
+        stop={k: calibration[k] for k in ("stop_threshold", "near_recall", "far_pass_rate", "median_similarity_0px")},
+    )
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def _mean(losses: list[float]) -> float | None:
+    """Mean of a few losses (one step's loss is noisy); None without ssl."""
+    return float(np.mean(losses)) if losses else None
