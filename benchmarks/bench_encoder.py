@@ -24,17 +24,16 @@ from maprl.geo import MapData, read_map
 from maprl.tiling import build_targets, read_targets
 from maprl.world import synthesize_world
 
-CONFIGS: dict[str, dict[str, Any]] = {
+CONFIGS: dict[str, dict[str, Any]] = {  # EncoderParams defaults unless overridden
     "pooled": {"kind": "pooled"},
     "mobilenet_v2 random": {"kind": "mobilenet_v2", "weights": "random"},
-    "mobilenet_v2 ssl": {"kind": "mobilenet_v2", "weights": "ssl", "ssl_steps": 20, "ssl_batch_size": 32},
+    "mobilenet_v2 ssl, 20 steps": {"kind": "mobilenet_v2", "weights": "ssl", "ssl_steps": 20},
     "nature_cnn random": {"kind": "nature_cnn", "weights": "random"},
-    "nature_cnn ssl": {"kind": "nature_cnn", "weights": "ssl", "ssl_steps": 100, "ssl_batch_size": 32},
+    "nature_cnn ssl, 100 steps": {"kind": "nature_cnn", "weights": "ssl", "ssl_steps": 100},
     "impala_cnn random": {"kind": "impala_cnn", "weights": "random"},
-    "impala_cnn ssl": {"kind": "impala_cnn", "weights": "ssl", "ssl_steps": 40, "ssl_batch_size": 32},
-    "nature_cnn ssl, 300 steps": {"kind": "nature_cnn", "weights": "ssl", "ssl_steps": 300, "ssl_batch_size": 32},
-    "impala_cnn ssl, 20 steps": {"kind": "impala_cnn", "weights": "ssl", "ssl_steps": 20, "ssl_batch_size": 32},
-    "impala_cnn ssl, 40 x 64": {"kind": "impala_cnn", "weights": "ssl", "ssl_steps": 40, "ssl_batch_size": 64},
+    "impala_cnn ssl (default, 40 steps)": {"kind": "impala_cnn", "weights": "ssl"},
+    "impala_cnn ssl, 20 steps": {"kind": "impala_cnn", "weights": "ssl", "ssl_steps": 20},
+    "impala_cnn ssl, 80 steps": {"kind": "impala_cnn", "weights": "ssl", "ssl_steps": 80},
     "impala_cnn random, global pool": {"kind": "impala_cnn", "weights": "random", "pool_grid": 1},
     "impala_cnn random, no whitening": {"kind": "impala_cnn", "weights": "random", "whiten": False},
     "impala_cnn random, border 0": {"kind": "impala_cnn", "weights": "random", "border": 0},

@@ -102,7 +102,7 @@ class EnvParams(_Section):
 
 class EncoderParams(_Section):
     kind: Literal["pooled", "mobilenet_v2", "nature_cnn", "impala_cnn"] = Field(
-        "mobilenet_v2", description="Feature space for similarity, retrieval and policy inputs."
+        "impala_cnn", description="Feature space for similarity, retrieval and policy inputs."
     )
     weights: Literal["imagenet", "ssl", "random"] = Field("ssl", description="Encoder initialisation.")
     weights_path: str | None = Field(
@@ -119,8 +119,8 @@ class EncoderParams(_Section):
     pool_grid: int = Field(2, ge=1, le=4, description="Pool features over pool_grid x pool_grid boxes (1: global).")
     whiten: bool = Field(True, description="PCA-whiten embeddings with statistics of the map's own views.")
     out_dim: int = Field(256, ge=0, le=8192, description="Whitened dimensions kept (0: all).")
-    ssl_steps: int = Field(300, ge=0, le=100_000, description="Contrastive pretraining steps (weights: ssl).")
-    ssl_batch_size: int = Field(64, ge=4, le=1024)
+    ssl_steps: int = Field(40, ge=0, le=100_000, description="Contrastive pretraining steps (weights: ssl).")
+    ssl_batch_size: int = Field(32, ge=4, le=1024, description="Places per contrastive step (two views each).")
     ssl_lr: float = Field(1e-3, gt=0, le=1)
     ssl_temperature: float = Field(0.2, gt=0, le=10, description="InfoNCE softmax temperature.")
     stop_quantile: float = Field(
@@ -149,29 +149,35 @@ class TrainParams(_Section):
         "tuned", description="tuned: best trial of the tune stage (models/best_hparams.yaml); params: the values below."
     )
     algo: Literal["ppo", "recurrent_ppo"] = "ppo"
-    total_timesteps: int = Field(300_000, ge=0)
+    total_timesteps: int = Field(300_000, ge=64, le=1_000_000_000)
     n_envs: int = Field(32, ge=1, le=4096)
     max_steps: int = Field(100, ge=1, le=100_000, description="Episode step budget while training.")
     shaping: float = Field(1.0, ge=0, description="Potential-based distance shaping weight (0 = seed reward).")
     learning_rate: float = Field(3e-4, gt=0, le=1)
     lr_schedule: Literal["linear", "constant"] = "linear"
-    n_steps: int = Field(128, ge=1)
-    batch_size: int = Field(512, ge=1)
-    n_epochs: int = Field(5, ge=1)
-    gamma: float = Field(0.98, gt=0, le=1)
-    gae_lambda: float = Field(0.95, ge=0, le=1)
-    clip_range: float = Field(0.2, gt=0)
-    ent_coef: float = Field(0.0, ge=0)
-    vf_coef: float = Field(0.5, ge=0)
-    max_grad_norm: float = Field(0.5, gt=0)
+    n_steps: int = Field(128, ge=8, le=1_000_000)
+    batch_size: int = Field(512, ge=8, le=1_000_000)
+    n_epochs: int = Field(5, ge=1, le=100)
+    gamma: float = Field(0.98, gt=0, lt=1)
+    gae_lambda: float = Field(0.95, gt=0, le=1)
+    clip_range: float = Field(0.2, gt=0, le=1)
+    ent_coef: float = Field(0.0, ge=0, le=1)
+    vf_coef: float = Field(0.5, ge=0, le=10)
+    max_grad_norm: float = Field(0.5, gt=0, le=100)
     eval_freq: int = Field(20_000, ge=1, description="Timesteps between periodic evaluations.")
     eval_episodes: int = Field(64, ge=1, description="Episodes per periodic evaluation and split.")
-    val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of train targets held out for validation.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of train targets held out for validation.")
     checkpoint_freq: int = Field(50_000, ge=1, description="Timesteps between checkpoints.")
     resume: bool = Field(True, description="Continue from the last checkpoint after a killed run.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (pip install maprl[tensorboard]).")
     torch_threads: int = Field(1, ge=1, le=256)
     progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainParams:
+        if self.batch_size > self.n_steps * self.n_envs:
+            raise ValueError("batch_size must be <= n_steps * n_envs (one rollout)")
+        return self
 
 
 class TuneParams(_Section):

@@ -531,6 +531,14 @@ class EncoderFeatures:
         grid = proj(raw.reshape(-1, raw.shape[-1])).reshape(*raw.shape[:2], -1).astype(np.float16)
         return cls(encoder, grid, ok, proj, axes, pooling)
 
+    @classmethod
+    def load(cls, out_dir: str | Path, m: MapData | None = None) -> EncoderFeatures:
+        """Reload ``cache.npz`` and ``encoder.pt`` from ``out_dir`` (``m``, if given, is checked to fit)."""
+        space = load_space(out_dir, m)
+        if not isinstance(space, cls):
+            raise InputError(f"{out_dir} holds a {space.name} cache, not an encoder's")
+        return space
+
     def embed_view(self, views: np.ndarray) -> np.ndarray:
         single = views.ndim == 3
         batch = views[None] if single else views

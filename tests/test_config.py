@@ -24,6 +24,10 @@ BAD = [
     ({"env": {"action_step": 0}}, "env.action_step"),
     ({"env": {"success_threshold": 0.5, "bonus_threshold": 0.9}}, "success_threshold"),
     ({"trian": {}}, "trian"),
+    ({"train": {"batch_size": 4096, "n_steps": 8, "n_envs": 2}}, "batch_size"),
+    ({"train": {"gamma": 1.0}}, "train.gamma"),
+    ({"agent": {"memory": "lstm"}}, "agent.memory"),
+    ({"evaluate": {"success_radius": 0}}, "evaluate.success_radius"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,17 @@ from conftest import grid_targets, make_map, tiny_params
 
 VIEW = 32
 # nature_cnn at 64 px input for 32 px views: 8 cells of 4 map px, 2 dropped at each edge (exact).
-NATURE = {"kind": "nature_cnn", "weights": "random", "input_size": 64, "cache_stride": 4}
+NATURE = {"kind": "nature_cnn", "weights": "random", "input_size": 64, "cache_stride": 4, "torch_threads": 1}
+SSL = {"kind": "nature_cnn", "weights": "ssl", "input_size": 32, "torch_threads": 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny inputs gain nothing from threads, and a busy machine slows OpenMP threads badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +140,14 @@ def test_grid_interface(nature_space: EncoderFeatures, small_map: MapData) -> No
     pos, emb = nature_space.grid_positions(), nature_space.grid_embeddings()
     assert pos.shape == (33 * 33, 2) and emb.shape == (len(pos), nature_space.dim) and emb.dtype == np.float32
     assert np.allclose(nature_space.embed_at(pos[:50, 0], pos[:50, 1]), emb[:50], atol=1e-3)
-    pooled = make_space(EncoderParams(kind="pooled", cache_stride=4), small_map, VIEW)
+    pooled = make_space(EncoderParams(kind="pooled", cache_stride=4, torch_threads=1), small_map, VIEW)
     assert isinstance(pooled, PooledGrid)
     ppos = pooled.grid_positions()
     assert np.allclose(pooled.grid_embeddings(), pooled.embed_at(ppos[:, 0], ppos[:, 1]))
 
 
 def test_ssl_runs_and_reduces_its_loss(small_map: MapData) -> None:
-    p = EncoderParams(kind="nature_cnn", weights="ssl", input_size=32, ssl_steps=30, ssl_batch_size=32)
+    p = EncoderParams(**SSL, ssl_steps=30, ssl_batch_size=32)
     enc = build_encoder("nature_cnn", "ssl", seed=0)
     losses = pretrain_ssl(enc, small_map.rgb, small_map.valid, VIEW, p, seed=0)
     assert len(losses) == 30 and np.isfinite(losses).all()
@@ -166,8 +177,8 @@ def test_threshold_separates_near_from_far(small_map: MapData, nature_space: Enc
 
 def test_save_load_roundtrip(tmp_path: Path, small_map: MapData, nature_space: EncoderFeatures) -> None:
     nature_space.save(tmp_path)
-    loaded = load_space(tmp_path, small_map)
-    assert isinstance(loaded, EncoderFeatures) and loaded.dim == nature_space.dim
+    loaded = EncoderFeatures.load(tmp_path, small_map)
+    assert loaded.dim == nature_space.dim
     xs, ys = np.array([20.5, 77.0, 120.2]), np.array([30.0, 64.4, 119.9])
     assert np.array_equal(loaded.embed_at(xs, ys), nature_space.embed_at(xs, ys))
     views = crop_views(small_map.rgb, xs, ys, VIEW)
@@ -176,6 +187,18 @@ def test_save_load_roundtrip(tmp_path: Path, small_map: MapData, nature_space: E
         load_space(tmp_path, make_map(96))
     with pytest.raises(InputError, match="does not exist"):
         load_space(tmp_path / "nowhere")
+
+
+def test_pooled_save_load_roundtrip(tmp_path: Path, small_map: MapData) -> None:
+    pooled = make_space(EncoderParams(kind="pooled", cache_stride=8, torch_threads=1), small_map, VIEW)
+    pooled.save(tmp_path)
+    loaded = load_space(tmp_path, small_map)
+    assert isinstance(loaded, PooledGrid)
+    assert np.array_equal(loaded.grid_embeddings(), pooled.grid_embeddings())
+    with pytest.raises(ValueError, match="needs the map"):
+        load_space(tmp_path)
+    with pytest.raises(InputError, match="pooled cache"):
+        EncoderFeatures.load(tmp_path, small_map)
 
 
 def test_same_seed_same_cache(small_map: MapData, nature_space: EncoderFeatures) -> None:
@@ -187,7 +210,7 @@ def test_same_seed_same_cache(small_map: MapData, nature_space: EncoderFeatures)
 
 
 def test_ssl_is_deterministic(small_map: MapData) -> None:
-    p = EncoderParams(kind="nature_cnn", weights="ssl", input_size=32, ssl_steps=3, ssl_batch_size=8)
+    p = EncoderParams(**SSL, ssl_steps=3, ssl_batch_size=8)
     runs = []
     for _ in range(2):
         enc = build_encoder("nature_cnn", "ssl", seed=5)
