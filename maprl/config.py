@@ -137,7 +137,6 @@ class EncoderParams(_Section):
 
 
 class AgentParams(_Section):
-    obs: Literal["features", "pixels"] = Field("features", description="features: cached embeddings; pixels: 2 views.")
     memory: Literal["retrieval", "none"] = Field("retrieval", description="Map memory fed to the policy.")
     n_candidates: int = Field(3, ge=1, le=64, description="Retrieval candidates in the observation.")
     include_position: bool = True

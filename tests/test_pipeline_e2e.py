@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "fetch": {"size": 192},
     "tile": {"n_targets": 24, "view_size": 32, "block_size": 64},
-    "encoder": {"input_size": 32, "ssl_steps": 3, "ssl_batch_size": 8},
+    "encoder": {"input_size": 64, "ssl_steps": 2, "ssl_batch_size": 8},
     "tune": {"n_trials": 2, "timesteps": 256, "eval_episodes": 4, "n_evaluations": 2},
     "train": {
         "total_timesteps": 512,

@@ -1,0 +1,60 @@
+"""Tiny-budget training: save/load/predict, and resume after an interrupted run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from stable_baselines3 import PPO
+
+from maprl.geo import MapData
+from maprl.runtime import Runtime, pooled_memory
+from maprl.scene import Scene
+from maprl.training import run_train
+
+from conftest import grid_targets, tiny_params
+
+TRAIN = {
+    "n_envs": 2, "n_steps": 64, "batch_size": 64, "n_epochs": 1, "max_steps": 8, "eval_freq": 64,
+    "eval_episodes": 2, "checkpoint_freq": 64, "progress_bar": False,
+}  # fmt: skip
+
+
+@pytest.fixture
+def rt(tiny_map: MapData) -> Runtime:
+    t = grid_targets([70.0, 90.0, 100.0, 60.0], [70.0, 60.0, 100.0, 100.0], ["train", "val", "test", "train"])
+    scene = Scene.build(tiny_map, t, 32)
+    return Runtime(scene, pooled_memory(scene, 4, 16.0), 0.97)
+
+
+def _params(total: int) -> object:
+    return tiny_params(train={**TRAIN, "total_timesteps": total}, evaluate={"max_steps": 8})
+
+
+def test_train_save_load_predict(tmp_path: Path, rt: Runtime) -> None:
+    metrics = run_train(_params(128), rt, tmp_path / "m", tmp_path / "train.json", tmp_path / "live")  # type: ignore[arg-type]
+    assert metrics["timesteps"] == 128 and set(metrics["test"]) == {"success_rate", "spl"}
+    model = PPO.load(tmp_path / "m" / "policy.zip")
+    obs = {k: v[None] for k, v in _obs(rt).items()}
+    action, _ = model.predict(obs, deterministic=True)
+    assert action.shape == (1, 2) and np.all(np.abs(action) <= 1)
+    assert (tmp_path / "live" / "plots" / "metrics").is_dir()
+    assert json.loads((tmp_path / "train.json").read_text())["timesteps"] == 128
+
+
+def _obs(rt: Runtime) -> dict:
+    from maprl.navcore import NavConfig
+    from maprl.vecenv import NavVecEnv
+
+    venv = NavVecEnv(rt.scene, 1, NavConfig(max_steps=8, memory="retrieval"), memory=rt.memory)
+    return {k: v[0] for k, v in venv.reset().items()}
+
+
+def test_resume_continues_the_timestep_count(tmp_path: Path, rt: Runtime) -> None:
+    run_train(_params(128), rt, tmp_path / "m", tmp_path / "a.json", tmp_path / "live")  # type: ignore[arg-type]
+    ckpt = tmp_path / "m" / "checkpoints"
+    ckpt.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "m" / "policy.zip", ckpt / "checkpoint.zip")  # as if killed after 128 steps
+    metrics = run_train(_params(256), rt, tmp_path / "m", tmp_path / "b.json", tmp_path / "live")  # type: ignore[arg-type]
+    assert metrics["resumed_from"] == 128 and metrics["timesteps"] == 256
