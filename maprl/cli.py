@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from maprl.stages import STAGES, _params, add_stage_parser, guard
+from maprl.stages import LEARNING_INPUTS, STAGES, _params, add_stage_parser, guard
 
 EPILOG = """\
 examples:
@@ -54,9 +54,8 @@ def _add_tune_worker(sub: Any) -> None:
         "--n-trials", type=int, default=None, help="stop when the study has this many (default: tune.n_trials)"
     )
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    p.add_argument("--map", default="data/map/map.tif", help="map GeoTIFF")
-    p.add_argument("--targets", default="data/targets/targets.csv", help="targets table")
-    p.add_argument("--features", default="data/features", help="encode stage output")
+    for flag, default, text in LEARNING_INPUTS:
+        p.add_argument(flag, default=default, help=f"{text} (default: {default})")
     p.set_defaults(func=cmd_tune_worker)
 
 

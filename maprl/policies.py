@@ -22,12 +22,6 @@ def _head(in_dim: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out), nn.ReLU())
 
 
-def _image_shape(space: spaces.Box) -> tuple[int, int, int]:
-    """(C, H, W) of an image space given channel-first or channel-last."""
-    shape = space.shape
-    return (shape[0], shape[1], shape[2]) if shape[0] in (1, 3) else (shape[2], shape[0], shape[1])
-
-
 class PixelTrunk(nn.Module):
     """MobileNetV2 (torchvision, classifier removed) on one view -> 1280-d."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from maprl.config import Params
-from maprl.features import PooledFeatures, valid_centres
+from maprl.features import valid_centres
 from maprl.geo import read_map
 from maprl.memory import MapMemory
 from maprl.navcore import NavConfig
@@ -54,20 +54,19 @@ def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path,
     Without an encode output (``features_dir`` missing) it falls back to the ``pooled`` space and
     ``env.success_threshold``; tests and the Gymnasium env use that.
     """
-    from maprl.encoders import load_space
+    from maprl.encoders import PooledGrid, load_space
 
     m = read_map(map_path)
     targets = with_validation(read_targets(targets_path), params.train.val_fraction, params.base.seed)
     view = params.tile.view_size
-    radius = params.evaluate.success_radius
     calib = Path(features_dir) / "calibration.json"
-    if not calib.exists():
-        scene = Scene(m, targets, PooledFeatures(m.rgb, view), view)
-        return Runtime(scene, pooled_memory(scene, 16, 2 * radius), float(params.env.success_threshold))
-    space = load_space(features_dir, m)
-    scene = Scene(m, targets, space, view)
-    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
-    return Runtime(scene, memory, float(json.loads(calib.read_text())["stop_threshold"]))
+    if calib.exists():
+        space = load_space(features_dir, m)
+        stop = float(json.loads(calib.read_text())["stop_threshold"])
+    else:
+        space, stop = PooledGrid(m, view, 16), float(params.env.success_threshold)
+    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
+    return Runtime(Scene(m, targets, space, view), memory, stop)
 
 
 def nav_config(params: Params, rt: Runtime, *, max_steps: int, shaping: float) -> NavConfig:

@@ -100,6 +100,8 @@ _INPUTS = [
     ("--map", "data/map/map.tif", "map GeoTIFF"),
     ("--targets", "data/targets/targets.csv", "targets table"),
 ]
+# what every learning stage reads: the map, the targets and the encode stage's output
+LEARNING_INPUTS = [*_INPUTS, ("--features", "data/features", "encode stage output")]
 
 # name -> (help, run, [(flag, default, help)])
 STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], Any], list[tuple[str, str, str]]]] = {
@@ -126,8 +128,7 @@ STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], Any], list[tuple[str
         "Optuna study over PPO hyperparameters on the validation part of the train split (resumable).",
         _tune,
         [
-            *_INPUTS,
-            ("--features", "data/features", "encode stage output"),
+            *LEARNING_INPUTS,
             ("--out", "data/tune", "study folder (journal, trials.csv, tune.png)"),
             ("--best", "models/best_hparams.yaml", "best hyperparameters"),
             ("--metrics", "metrics/tune.json", "metrics JSON"),
@@ -137,8 +138,7 @@ STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], Any], list[tuple[str
         "Train the PPO agent on the batched feature env (--agent memory: with map memory; original: without).",
         _train,
         [
-            *_INPUTS,
-            ("--features", "data/features", "encode stage output"),
+            *LEARNING_INPUTS,
             ("--agent", "memory", "memory | original"),
             ("--best", "models/best_hparams.yaml", "tuned hyperparameters (train.hparams: tuned)"),
         ],
@@ -147,8 +147,7 @@ STAGES: dict[str, tuple[str, Callable[[argparse.Namespace], Any], list[tuple[str
         "Evaluate the agents and the baselines on fixed episodes; write metrics, episodes.csv, plots and a GIF.",
         _evaluate,
         [
-            *_INPUTS,
-            ("--features", "data/features", "encode stage output"),
+            *LEARNING_INPUTS,
             ("--models", "models", "folder with <agent>/policy.zip"),
             ("--out", "data/eval", "output folder"),
             ("--metrics", "metrics/eval.json", "metrics JSON"),
