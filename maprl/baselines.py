@@ -11,6 +11,7 @@ position (``venv.core.targets_xy``): each finds the target from pixels or featur
 | ``Lawnmower``       | own position                           | boustrophedon sweep, image-blind       |
 | ``GreedyHillClimb`` | feature cache around the agent         | move to the best of 16 probes          |
 | ``RetrieveThenFly`` | map memory (whole-map features)        | nearest neighbour, then fly straight   |
+| ``... search=True`` | map memory, visited flags              | visit the candidates in rank order     |
 | ``TemplateOracle``  | whole-map pixels                       | NCC template matching, then fly        |
 | ``AgentController`` | a trained SB3 model                    | ``model.predict``                      |
 
@@ -29,6 +30,7 @@ from maprl.features import crop_views
 from maprl.memory import MapMemory
 
 if TYPE_CHECKING:
+    from maprl.navcore import NavCore
     from maprl.scene import Scene
     from maprl.vecenv import NavVecEnv
 
@@ -220,16 +222,35 @@ class _FlyToGoal:
         return fly_action(venv.core.pos, goals, venv.core.step_px)
 
 
-class RetrieveThenFly(_FlyToGoal):
-    """Top-1 nearest neighbour of the target embedding in the map memory, then fly straight."""
+class RetrieveThenFly:
+    """Fly straight to the top nearest neighbour of the target embedding in the map memory.
 
-    def __init__(self, memory: MapMemory) -> None:
-        super().__init__()
-        self.memory = memory
+    It reads the episode's candidate list from the env (``NavCore.ep_cands``), so under the
+    decoy stress test it sees exactly what the agent sees. With ``search`` it is the scripted
+    search: it visits the candidates in rank order until its own stop rule fires, and after
+    the last returns to the candidate whose view was most similar to the target.
+    """
 
-    def locate(self, venv: NavVecEnv, rows: np.ndarray) -> np.ndarray:
-        pos, _ = self.memory.query(venv.core.target_embs[rows], k=1)
-        return np.asarray(pos[:, 0, :], float)
+    def __init__(self, search: bool = False) -> None:
+        self.search = search
+        self.seen = np.zeros((0, 0))
+
+    def reset(self, venv: NavVecEnv) -> None:
+        if venv.cfg.memory != "retrieval":
+            raise ValueError("retrieve-then-fly needs an env with memory: retrieval")
+        self.seen = np.full(venv.core.visited.shape, -np.inf)
+
+    def _goal_index(self, core: NavCore) -> np.ndarray:
+        self.seen[core.steps == 0] = -np.inf  # a new episode
+        here = np.hypot(*np.moveaxis(core.ep_cands - core.pos[:, None, :], 2, 0)) <= 0.5 * core.cfg.success_radius
+        self.seen = np.where(here, np.maximum(self.seen, core.sim[:, None]), self.seen)
+        unvisited = ~core.visited
+        return np.where(unvisited.any(axis=1), unvisited.argmax(axis=1), self.seen.argmax(axis=1))
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        core = venv.core
+        k = self._goal_index(core) if self.search else np.zeros(core.n, np.int64)
+        return fly_action(core.pos, core.ep_cands[np.arange(core.n), k], core.step_px)
 
 
 def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
@@ -415,6 +436,7 @@ def default_baselines(scene: Scene, memory: MapMemory | None, seed: int) -> dict
         "greedy": lambda: GreedyHillClimb(np.random.default_rng(seeds[1])),
     }
     if memory is not None:
-        methods["retrieve_then_fly"] = lambda: RetrieveThenFly(memory)
+        methods["retrieve_then_fly"] = RetrieveThenFly
+        methods["retrieve_then_search"] = lambda: RetrieveThenFly(search=True)
     methods["template_oracle"] = oracle
     return methods

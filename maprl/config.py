@@ -152,6 +152,12 @@ class TrainParams(_Section):
     n_envs: int = Field(32, ge=1, le=4096)
     max_steps: int = Field(100, ge=1, le=100_000, description="Episode step budget while training.")
     shaping: float = Field(1.0, ge=0, description="Potential-based distance shaping weight (0 = seed reward).")
+    decoy_rate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of training episodes whose top retrieval candidate is a decoy.",
+    )
     learning_rate: float = Field(3e-4, gt=0, le=1)
     lr_schedule: Literal["linear", "constant"] = "linear"
     n_steps: int = Field(128, ge=8, le=1_000_000)
@@ -382,6 +388,12 @@ class EvaluateParams(_Section):
     success_radius: float = Field(56.0, gt=0, description="Ground-truth success radius, pixels.")
     distance_bins: list[float] = Field([250, 500, 1000], description="Start-distance bin edges, pixels.")
     gif_steps: int = Field(60, ge=1)
+    decoy_rate: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Decoy stress test (split test_decoy): share of episodes with a decoy; 0 skips.",
+    )
 
 
 class Params(_Section):

@@ -44,7 +44,8 @@ of the target), ``steps``, ``path_length_px``, ``start_distance_px`` and ``block
 
 ## Randomness
 Only ``self.np_random``: the same ``reset(seed=...)`` and actions give the same rollout.
-``reset(options={"target_id": i, "start": (x, y)})`` fixes an episode.
+``reset(options={"target_id": i, "start": (x, y), "decoy": (x, y)})`` fixes an episode (see
+:mod:`maprl.navcore` for decoys; with ``decoy_rate`` > 0 one is drawn when none is given).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from gymnasium import spaces
 
 from maprl.geo import MapData, read_map
 from maprl.memory import MapMemory
-from maprl.navcore import NavConfig, NavCore, seed_reward
+from maprl.navcore import NavConfig, NavCore, draw_decoy, seed_reward
 from maprl.plotting import render_episode
 from maprl.scene import Scene
 
@@ -154,7 +155,10 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         else:
             row = int(self.rows[self.np_random.integers(len(self.rows))])
         start = options.get("start") or self.scene.sample_start(self.np_random)
-        self.core.reset_agents(np.array([0]), np.array([row]), np.array([start], float))
+        decoy = options.get("decoy")
+        if decoy is None:
+            decoy = draw_decoy(self.scene, self.core.cfg, self.core.targets_xy[row], self.np_random)
+        self.core.reset_agents(np.array([0]), np.array([row]), np.array([start], float), np.array([decoy], float))
         self._path = [tuple(self.core.pos[0])]
         return self._obs(), {**self.core.info(0), "blocked": False}
 

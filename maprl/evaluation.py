@@ -17,6 +17,7 @@ Per episode (one row of ``episodes.csv``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Mapping, Sequence
@@ -40,12 +41,24 @@ HEADLINE = "agent"
 
 
 # -- episodes ------------------------------------------------------------------------------------
-def make_episodes(scene: Scene, split: str, n: int, seed: int) -> pd.DataFrame:
-    """``n`` fixed episodes on ``split``: targets cycle through a shuffled split, starts uniform valid."""
+def make_episodes(
+    scene: Scene, split: str, n: int, seed: int, decoy_rate: float = 0.0, decoy_distance: float = 0.0
+) -> pd.DataFrame:
+    """``n`` fixed episodes on ``split``: targets cycle through a shuffled split, starts uniform valid.
+
+    With ``decoy_rate`` > 0 that share of episodes also gets a decoy for the top retrieval
+    candidate, at least ``decoy_distance`` px from its target (see :mod:`maprl.navcore`);
+    ``decoy_x`` / ``decoy_y`` are NaN where there is none.
+    """
     rng = np.random.default_rng(seed)
     rows = scene.split_rows(split)
     order = np.resize(rng.permutation(rows), n)  # every target once before any twice
     starts = np.array([scene.sample_start(rng) for _ in range(n)], float).reshape(n, 2)
+    decoys = np.full((n, 2), np.nan)
+    if decoy_rate > 0:
+        xy = scene.targets[["x", "y"]].to_numpy(float)[order]
+        for i in np.flatnonzero(rng.random(n) < decoy_rate):
+            decoys[i] = scene.sample_far(rng, xy[i], decoy_distance)
     return pd.DataFrame(
         {
             "episode": np.arange(n),
@@ -54,6 +67,8 @@ def make_episodes(scene: Scene, split: str, n: int, seed: int) -> pd.DataFrame:
             "target_id": scene.targets["id"].to_numpy()[order],
             "start_x": starts[:, 0],
             "start_y": starts[:, 1],
+            "decoy_x": decoys[:, 0],
+            "decoy_y": decoys[:, 1],
         }
     )
 
@@ -67,9 +82,21 @@ def make_split_episodes(scene: Scene, splits: Sequence[str], n: int, seed: int) 
     return pd.concat(frames, ignore_index=True)
 
 
-def _episode_tuples(episodes: pd.DataFrame) -> list[tuple[int, float, float]]:
-    cols = episodes[["target_row", "start_x", "start_y"]].to_numpy(float)
-    return [(int(r), float(x), float(y)) for r, x, y in cols]
+DECOY_SPLIT = "test_decoy"
+
+
+def make_decoy_episodes(scene: Scene, n: int, seed: int, rate: float, success_radius: float) -> pd.DataFrame:
+    """The decoy stress test: ``n`` test-split episodes labelled ``test_decoy`` (seeded apart from the others)."""
+    from maprl.navcore import DECOY_DISTANCE_RADII
+
+    sub_seed = int(np.random.SeedSequence([seed, 99]).generate_state(1)[0])
+    ep = make_episodes(scene, "test", n, sub_seed, rate, DECOY_DISTANCE_RADII * success_radius)
+    return ep.assign(split=DECOY_SPLIT)
+
+
+def _episode_tuples(episodes: pd.DataFrame) -> list[tuple[float, ...]]:
+    cols = ["target_row", "start_x", "start_y"] + (["decoy_x", "decoy_y"] if "decoy_x" in episodes else [])
+    return [(int(r[0]), *map(float, r[1:])) for r in episodes[cols].to_numpy(float)]
 
 
 # -- one batched run -------------------------------------------------------------------------------
@@ -375,6 +402,7 @@ def write_outputs(
         episodes_per_split=params.episodes,
         max_steps=params.max_steps,
         success_radius=params.success_radius,
+        decoy_rate=params.decoy_rate,
         methods=[str(m) for m in pd.unique(df["method"])],
     )
     write_json(metrics_path, metrics)
@@ -415,6 +443,9 @@ def run_evaluate(
     rt = load_runtime(params, map_path, targets_path, features_dir)
     p = params.evaluate
     episodes = make_split_episodes(rt.scene, ["train", "test"], p.episodes, params.base.seed)
+    if p.decoy_rate > 0:
+        decoys = make_decoy_episodes(rt.scene, p.episodes, params.base.seed, p.decoy_rate, p.success_radius)
+        episodes = pd.concat([episodes, decoys], ignore_index=True)
     frames, paths = [], {}
     for name, agent in (("agent", "memory"), ("agent_original", "original")):
         ap = agent_params(params, agent)
@@ -425,7 +456,7 @@ def run_evaluate(
         )
         frames.append(df)
         paths.update(pth)
-    cfg = nav_config(params, rt, max_steps=p.max_steps, shaping=0.0)
+    cfg = dataclasses.replace(nav_config(params, rt, max_steps=p.max_steps, shaping=0.0), memory="retrieval")
     df, pth = evaluate_methods(
         rt.scene, rt.memory, cfg, default_baselines(rt.scene, rt.memory, params.base.seed), episodes
     )

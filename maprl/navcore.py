@@ -12,8 +12,17 @@ Feature observation (``obs_features``):
 | current | (D,)  | embedding of the current view (a cache lookup)                       |
 | nav     | (M,)  | position in [-1, 1], previous action, current similarity, and with   |
 |         |       | ``memory=retrieval`` for each of k candidates: its position, its     |
-|         |       | offset from the agent (map units and steps), its similarity; then    |
-|         |       | the margin between the best two candidates                           |
+|         |       | offset from the agent (map units and steps), its similarity, whether |
+|         |       | the agent has visited it this episode; then the margin between the   |
+|         |       | best two candidates                                                  |
+
+Decoys (``decoy_rate``): a stress test of the map memory. In that share of episodes the top
+retrieval candidate is replaced by a *decoy*, a place at least ``DECOY_DISTANCE_RADII``
+success radii from the target that is shown with the top candidate's similarity; the true
+candidates move down one rank. Flying to the top candidate then finds a view that does not
+match, and only a policy that searches the other candidates recovers. The visited flags
+(within half a success radius of a candidate, once in the episode) are the short memory of
+where the agent has been that such a search needs.
 """
 
 from __future__ import annotations
@@ -43,10 +52,26 @@ class NavConfig:
     n_candidates: int = 3
     include_position: bool = True
     include_prev_action: bool = True
+    decoy_rate: float = 0.0  # share of episodes whose top retrieval candidate is a decoy
 
     def nav_dim(self) -> int:
         base = 2 * self.include_position + 2 * self.include_prev_action + 1
-        return base + (7 * self.n_candidates + 1 if self.memory == "retrieval" else 0)
+        return base + (8 * self.n_candidates + 1 if self.memory == "retrieval" else 0)
+
+    @property
+    def decoys(self) -> bool:
+        """Whether episodes draw decoys (only the map memory has candidates to corrupt)."""
+        return self.memory == "retrieval" and self.decoy_rate > 0
+
+
+DECOY_DISTANCE_RADII = 4.0  # a decoy lies at least this many success radii from the target
+
+
+def draw_decoy(scene: Scene, cfg: NavConfig, target_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One episode's decoy position, or NaNs for none (draws nothing unless ``cfg.decoys``)."""
+    if not cfg.decoys or rng.random() >= cfg.decoy_rate:
+        return np.full(2, np.nan)
+    return np.array(scene.sample_far(rng, target_xy, DECOY_DISTANCE_RADII * cfg.success_radius), float)
 
 
 def seed_reward(sim: np.ndarray, cfg: NavConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +91,9 @@ class NavCore:
         self.targets_xy = scene.targets[["x", "y"]].to_numpy(float)
         if cfg.memory == "retrieval" and memory is not None:
             self.cands, self.cand_sims = memory.query(self.target_embs, cfg.n_candidates)
+        k = cfg.n_candidates
+        self.ep_cands = np.zeros((n, k, 2))  # this episode's candidates (decoy first, if any)
+        self.visited = np.zeros((n, k), bool)
         self.centre = np.array([scene.map.width, scene.map.height], float) / 2
         self.pos = np.zeros((n, 2))
         self.rows = np.zeros(n, np.int64)
@@ -85,8 +113,13 @@ class NavCore:
         self.cur_emb[idx] = emb
         self.sim[idx] = np.sum(emb * self.target_embs[self.rows[idx]], axis=1)
 
-    def reset_agents(self, idx: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
-        """Start agents ``idx`` on target rows ``rows`` from positions ``starts`` (K, 2)."""
+    def reset_agents(
+        self, idx: np.ndarray, rows: np.ndarray, starts: np.ndarray, decoys: np.ndarray | None = None
+    ) -> None:
+        """Start agents ``idx`` on target rows ``rows`` from positions ``starts`` (K, 2).
+
+        ``decoys`` (K, 2) replaces the top retrieval candidate of each agent whose row is not NaN.
+        """
         x, y = self.scene.clip(starts[:, 0], starts[:, 1])
         self.pos[idx] = np.stack([x, y], 1)
         self.rows[idx] = rows
@@ -94,7 +127,22 @@ class NavCore:
         self.prev_action[idx] = 0
         self.path_len[idx] = 0
         self.start_dist[idx] = self.distance(idx)
+        if self.cfg.memory == "retrieval":
+            self._set_candidates(idx, rows, decoys)
         self._embed(idx)
+
+    def _set_candidates(self, idx: np.ndarray, rows: np.ndarray, decoys: np.ndarray | None) -> None:
+        cands = self.cands[rows].copy()
+        if decoys is not None:
+            has = ~np.isnan(np.asarray(decoys, float)).any(axis=1)
+            cands[has] = np.concatenate([np.asarray(decoys, float)[has, None], cands[has, :-1]], axis=1)
+        self.ep_cands[idx] = cands
+        self.visited[idx] = False
+        self._mark_visited(idx)
+
+    def _mark_visited(self, idx: np.ndarray | slice) -> None:
+        d = np.hypot(*np.moveaxis(self.ep_cands[idx] - self.pos[idx][:, None, :], 2, 0))
+        self.visited[idx] |= d <= 0.5 * self.cfg.success_radius
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Move every agent: returns reward, terminated (own stop rule), truncated."""
@@ -106,6 +154,8 @@ class NavCore:
         self.path_len += np.hypot(*(self.pos - old).T)
         self.steps += 1
         self.prev_action = a.astype(np.float32)
+        if self.cfg.memory == "retrieval":
+            self._mark_visited(slice(None))
         self._embed(np.arange(self.n))
         reward, terminated = seed_reward(self.sim.astype(np.float64), self.cfg)
         if self.cfg.shaping:
@@ -124,7 +174,7 @@ class NavCore:
             parts.append(self.prev_action)
         parts.append(self.sim[:, None])
         if self.cfg.memory == "retrieval":
-            cands = self.cands[self.rows]  # (n, k, 2)
+            cands = self.ep_cands  # (n, k, 2)
             offset = cands - self.pos[:, None, :]
             per = np.concatenate(
                 [
@@ -132,6 +182,7 @@ class NavCore:
                     offset / half,
                     np.clip(offset / self.step_px, -2, 2),
                     self.cand_sims[self.rows][..., None],
+                    self.visited[..., None],
                 ],
                 axis=2,
             )

@@ -69,7 +69,7 @@ def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path,
     return Runtime(Scene(m, targets, space, view), memory, stop)
 
 
-def nav_config(params: Params, rt: Runtime, *, max_steps: int, shaping: float) -> NavConfig:
+def nav_config(params: Params, rt: Runtime, *, max_steps: int, shaping: float, decoy_rate: float = 0.0) -> NavConfig:
     e, a = params.env, params.agent
     return NavConfig(
         action_step=e.action_step,
@@ -85,4 +85,5 @@ def nav_config(params: Params, rt: Runtime, *, max_steps: int, shaping: float) -
         n_candidates=a.n_candidates,
         include_position=a.include_position,
         include_prev_action=a.include_prev_action,
+        decoy_rate=decoy_rate,
     )

@@ -69,6 +69,18 @@ class Scene:
         i = rng.integers(len(xs))
         return float(xs[i]), float(ys[i])
 
+    def sample_far(self, rng: np.random.Generator, xy: np.ndarray, min_distance: float) -> tuple[float, float]:
+        """A uniform valid centre at least ``min_distance`` px from ``xy`` (the farthest of 64 tries if none is)."""
+        best, best_d = (0.0, 0.0), -1.0
+        for _ in range(64):
+            x, y = self.sample_start(rng)
+            d = float(np.hypot(x - xy[0], y - xy[1]))
+            if d >= min_distance:
+                return x, y
+            if d > best_d:
+                best, best_d = (x, y), d
+        return best
+
     def view(self, x: float, y: float) -> np.ndarray:
         return crop_views(self.map.rgb, np.array([x]), np.array([y]), self.view_size)[0]
 

@@ -135,7 +135,8 @@ def _load_checkpoint(p: TrainParams, path: Path, venv: Any) -> BaseAlgorithm | N
 
 
 def make_train_env(params: Params, rt: Runtime, split: str, n_envs: int, seed: int) -> NavVecEnv:
-    cfg = nav_config(params, rt, max_steps=params.train.max_steps, shaping=params.train.shaping)
+    p = params.train
+    cfg = nav_config(params, rt, max_steps=p.max_steps, shaping=p.shaping, decoy_rate=p.decoy_rate)
     return NavVecEnv(rt.scene, n_envs, cfg, split=split, memory=rt.memory, seed=seed)
 
 

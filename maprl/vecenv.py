@@ -18,7 +18,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, Vec
 
 from maprl.env import feature_obs_space
 from maprl.memory import MapMemory
-from maprl.navcore import NavConfig, NavCore
+from maprl.navcore import NavConfig, NavCore, draw_decoy
 from maprl.scene import Scene
 
 
@@ -42,31 +42,36 @@ class NavVecEnv(VecEnv):
         self.render_mode = None
         super().__init__(n_envs, obs_space, gym.spaces.Box(-1.0, 1.0, (2,), np.float32))
         self._rngs = self._make_rngs(seed)
-        self._episodes: list[tuple[int, float, float]] | None = None
+        self._episodes: list[tuple[float, ...]] | None = None
         self._actions = np.zeros((n_envs, 2), np.float32)
 
     def _make_rngs(self, seed: int | None) -> list[np.random.Generator]:
         return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(self.num_envs)]
 
     # -- episodes ---------------------------------------------------------------------------
-    def set_episodes(self, episodes: Sequence[tuple[int, float, float]]) -> None:
-        """Fix the next episodes as (target row, start x, start y); agent i gets episode i first."""
+    def set_episodes(self, episodes: Sequence[tuple[float, ...]]) -> None:
+        """Fix the next episodes as (target row, start x, start y[, decoy x, decoy y]).
+
+        Agent i gets episode i first; a missing or NaN decoy means none.
+        """
         self._episodes = list(episodes)
 
-    def _draw(self, i: int) -> tuple[int, np.ndarray]:
+    def _draw(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
         if self._episodes:
-            row, x, y = self._episodes.pop(0)
-            return int(row), np.array([x, y], float)
+            row, x, y, *decoy = self._episodes.pop(0)
+            return int(row), np.array([x, y], float), np.array(decoy or (np.nan, np.nan), float)
         rng = self._rngs[i]
         row = int(self.rows[rng.integers(len(self.rows))])
-        return row, np.array(self.scene.sample_start(rng), float)
+        start = np.array(self.scene.sample_start(rng), float)
+        return row, start, draw_decoy(self.scene, self.cfg, self.core.targets_xy[row], rng)
 
     def _reset_idx(self, idx: Iterable[int]) -> None:
         idx = np.fromiter(idx, np.int64)
         if len(idx) == 0:
             return
         drawn = [self._draw(int(i)) for i in idx]
-        self.core.reset_agents(idx, np.array([r for r, _ in drawn]), np.stack([s for _, s in drawn]))
+        rows, starts, decoys = (np.stack([d[j] for d in drawn]) for j in range(3))
+        self.core.reset_agents(idx, rows.astype(np.int64), starts, decoys)
 
     # -- VecEnv API -------------------------------------------------------------------------
     def reset(self) -> VecEnvObs:

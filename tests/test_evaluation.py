@@ -42,7 +42,8 @@ from maprl.vecenv import NavVecEnv
 from conftest import grid_targets, make_map
 
 V = 32
-CFG = NavConfig(action_step=0.1, max_steps=40, success_radius=8.0)
+PLAIN = NavConfig(action_step=0.1, max_steps=40, success_radius=8.0)
+CFG = NavConfig(action_step=0.1, max_steps=40, success_radius=8.0, memory="retrieval")
 
 
 def _valid_targets(m: MapData, n: int, seed: int) -> pd.DataFrame:
@@ -99,7 +100,8 @@ def test_make_episodes_seeded_and_cycling(scene: Scene) -> None:
     a = make_episodes(scene, "test", 12, seed=1)
     pd.testing.assert_frame_equal(a, make_episodes(scene, "test", 12, seed=1))
     assert not a.equals(make_episodes(scene, "test", 12, seed=2))
-    assert list(a.columns) == ["episode", "split", "target_row", "target_id", "start_x", "start_y"]
+    cols = ["episode", "split", "target_row", "target_id", "start_x", "start_y", "decoy_x", "decoy_y"]
+    assert list(a.columns) == cols and a["decoy_x"].isna().all()
     rows = scene.split_rows("test")
     assert set(a["target_row"]) == set(rows)
     counts = a["target_row"].value_counts()
@@ -112,7 +114,14 @@ def test_make_episodes_seeded_and_cycling(scene: Scene) -> None:
 # -- baselines -------------------------------------------------------------------------------------
 def test_every_baseline_runs(scene: Scene, memory: MapMemory, episodes: pd.DataFrame) -> None:
     methods = default_baselines(scene, memory, seed=0)
-    assert set(methods) == {"random_walk", "lawnmower", "greedy", "retrieve_then_fly", "template_oracle"}
+    assert set(methods) == {
+        "random_walk",
+        "lawnmower",
+        "greedy",
+        "retrieve_then_fly",
+        "retrieve_then_search",
+        "template_oracle",
+    }
     df, paths = evaluate_methods(scene, memory, CFG, methods, episodes)
     assert len(df) == len(methods) * len(episodes)
     for name, d in df.groupby("method"):
@@ -136,7 +145,7 @@ def test_template_oracle_finds_exact_crops(scene: Scene) -> None:
             x, y = float(round(x)), float(round(y))
             ex, ey, score = matcher.locate(scene.view(x, y))
             assert abs(ex - x) <= 1 and abs(ey - y) <= 1 and score > 0.99
-    goals = TemplateOracle(TemplateMatcher(scene)).locate(make_eval_env(scene, CFG, 1), np.arange(len(scene.targets)))
+    goals = TemplateOracle(TemplateMatcher(scene)).locate(make_eval_env(scene, PLAIN, 1), np.arange(len(scene.targets)))
     assert np.abs(goals - scene.targets[["x", "y"]].to_numpy(float)).max() <= 1
     assert target_photo(scene, 0).shape == (V, V, 3)
 
@@ -152,7 +161,7 @@ def test_lawnmower_sweeps_the_map(scene: Scene) -> None:
 def test_controllers_output_unit_box(scene: Scene, memory: MapMemory, episodes: pd.DataFrame) -> None:
     rng = np.random.default_rng(0)
     venv = make_eval_env(scene, CFG, len(episodes), memory)
-    for ctrl in (RandomWalk(rng), Lawnmower(), GreedyHillClimb(rng), RetrieveThenFly(memory)):
+    for ctrl in (RandomWalk(rng), Lawnmower(), GreedyHillClimb(rng), RetrieveThenFly()):
         venv.set_episodes(list(zip(episodes["target_row"], episodes["start_x"], episodes["start_y"], strict=True)))
         obs = venv.reset()
         ctrl.reset(venv)
@@ -184,7 +193,7 @@ def test_success_is_ground_truth_not_the_stop_rule(scene: Scene, episodes: pd.Da
     assert (df["spl"] == 0).all() and (df["steps"] == 1).all()
     summary = summarise(df, [])[str(df["split"].iat[0])]
     assert summary["false_stop_rate"] == 1.0 and summary["success_rate"] == 0.0
-    df, _ = run_episodes(make_eval_env(scene, CFG, len(far)), Hold(), far)
+    df, _ = run_episodes(make_eval_env(scene, PLAIN, len(far)), Hold(), far)
     assert not df["stopped"].any() and (df["steps"] == CFG.max_steps).all() and (df["spl"] == 0).all()
 
 
@@ -257,7 +266,7 @@ def test_agent_controller_passes_episode_start(scene: Scene, episodes: pd.DataFr
 # -- outputs ----------------------------------------------------------------------------------------
 def test_write_outputs(tmp_path: Path, scene: Scene, memory: MapMemory, episodes: pd.DataFrame) -> None:
     methods: dict[str, ControllerFactory] = {
-        "agent": lambda: RetrieveThenFly(memory),
+        "agent": lambda: RetrieveThenFly(),
         "random_walk": lambda: RandomWalk(np.random.default_rng(0)),
     }
     df, paths = evaluate_methods(scene, memory, CFG, methods, episodes)
@@ -297,3 +306,23 @@ def test_agent_controller_with_sb3_models(scene: Scene, episodes: pd.DataFrame, 
     b, _ = run_episodes(make_eval_env(scene, cfg, len(episodes)), AgentController(model), episodes)
     pd.testing.assert_frame_equal(a, b)  # deterministic actions
     assert (a["steps"] <= 5).all()
+
+
+def test_decoys_defeat_retrieve_then_fly_but_not_a_search(scene: Scene, memory: MapMemory) -> None:
+    clean = make_episodes(scene, "test", 10, seed=2)
+    decoyed = make_episodes(scene, "test", 10, seed=2, decoy_rate=1.0, decoy_distance=32.0)
+    assert decoyed["decoy_x"].notna().all()
+    pd.testing.assert_frame_equal(clean.iloc[:, :6], decoyed.iloc[:, :6])  # decoys are drawn after the rest
+    target_xy = scene.targets[["x", "y"]].to_numpy()[decoyed["target_row"]]
+    far = np.hypot(*(decoyed[["decoy_x", "decoy_y"]].to_numpy() - target_xy).T)
+    assert (far >= 32.0).all()
+    methods: dict[str, ControllerFactory] = {"fly": RetrieveThenFly, "search": lambda: RetrieveThenFly(search=True)}
+    base, _ = evaluate_methods(scene, memory, CFG, methods, clean, record_paths=False)
+    hard, _ = evaluate_methods(scene, memory, CFG, methods, decoyed, record_paths=False)
+    ok = {
+        (m, name): d.groupby("method")["success"].mean()[m]
+        for name, d in (("clean", base), ("decoy", hard))
+        for m in methods
+    }
+    assert ok["fly", "clean"] == ok["search", "clean"] == 1.0  # no decoy: the search is retrieve-then-fly
+    assert ok["fly", "decoy"] == 0.0 and ok["search", "decoy"] == 1.0

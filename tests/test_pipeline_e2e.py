@@ -67,7 +67,7 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     tile = json.loads((repo / "metrics" / "tile.json").read_text())
     assert tile["n_test"] + tile["n_train"] == 24
     ev = json.loads((repo / "metrics" / "eval.json").read_text())
-    assert set(ev["agent"]) == {"train", "test"} and "retrieve_then_fly" in ev["baselines"]
+    assert set(ev["agent"]) == {"train", "test", "test_decoy"} and "retrieve_then_search" in ev["baselines"]
     assert (repo / "data" / "eval" / "episode.gif").exists() and (repo / "models" / "best_hparams.yaml").exists()
     assert json.loads((repo / "metrics" / "tune.json").read_text())["n_trials"] >= 2
 

@@ -30,12 +30,22 @@ def memory(scene: Scene) -> MapMemory:
     return pooled_memory(scene, 4, 16.0)
 
 
-@pytest.mark.parametrize("mem", ["none", "retrieval"])
+@pytest.mark.parametrize("mem", ["none", "retrieval", "retrieval+decoys"])
 def test_vecenv_matches_gym_envs_step_by_step(scene: Scene, memory: MapMemory, mem: str) -> None:
-    cfg = NavConfig(action_step=0.08, max_steps=6, stop_threshold=0.97, shaping=0.5, memory=mem, success_radius=8)
+    memory_kind, decoys = mem.split("+")[0], mem.endswith("decoys")
+    cfg = NavConfig(
+        action_step=0.08, max_steps=6, stop_threshold=0.97, shaping=0.5, memory=memory_kind, success_radius=8
+    )
     n = 3
     rng = np.random.default_rng(0)
-    episodes = [(int(rng.integers(4)), *rng.uniform(30, 100, 2)) for _ in range(40)]
+
+    def episode() -> tuple[float, ...]:
+        decoy = rng.uniform(30, 100, 2) if rng.random() < 0.5 else [np.nan] * 2
+        return (int(rng.integers(4)), *rng.uniform(30, 100, 2), *decoy)
+
+    episodes = [episode() for _ in range(40)]
+    if not decoys:
+        episodes = [e[:3] for e in episodes]
     venv = NavVecEnv(scene, n, cfg, memory=memory)
     venv.set_episodes(list(episodes))
     queue = list(episodes)
@@ -43,8 +53,9 @@ def test_vecenv_matches_gym_envs_step_by_step(scene: Scene, memory: MapMemory, m
     envs = [TimeLimit(SatelliteNavEnv(scene=scene, obs="features", config=gcfg, memory=memory), 6) for _ in range(n)]
 
     def gym_reset(env: TimeLimit) -> dict:
-        row, x, y = queue.pop(0)
-        return env.reset(options={"target_id": int(scene.targets["id"][row]), "start": (x, y)})[0]
+        row, x, y, *decoy = queue.pop(0)
+        options = {"target_id": int(scene.targets["id"][row]), "start": (x, y), "decoy": decoy or None}
+        return env.reset(options=options)[0]
 
     gobs = [gym_reset(e) for e in envs]
     vobs = venv.reset()
@@ -63,6 +74,25 @@ def test_vecenv_matches_gym_envs_step_by_step(scene: Scene, memory: MapMemory, m
                 assert np.allclose(vinfo[i]["terminal_observation"]["nav"], o["nav"], atol=1e-6)
                 o = gym_reset(env)
             gobs[i] = o
+
+
+def test_decoys_replace_the_top_candidate_and_visits_are_flagged(scene: Scene, memory: MapMemory) -> None:
+    cfg = NavConfig(max_steps=50, memory="retrieval", n_candidates=3, success_radius=8, decoy_rate=0.5)
+    assert cfg.nav_dim() == 5 + 8 * 3 + 1
+    venv = NavVecEnv(scene, 64, cfg, memory=memory, seed=1)
+    venv.reset()
+    core = venv.core
+    true_top = core.cands[core.rows]
+    decoyed = ~np.all(core.ep_cands == true_top, axis=(1, 2))
+    assert 0.3 < decoyed.mean() < 0.7
+    assert np.array_equal(core.ep_cands[decoyed, 1:], true_top[decoyed, :-1])  # true candidates move down a rank
+    far = np.hypot(*(core.ep_cands[decoyed, 0] - core.targets_xy[core.rows[decoyed]]).T)
+    assert (far >= 4 * 8).all()
+    # flying onto candidate 1 flags it, and the observation shows the flag
+    venv.step((core.ep_cands[:, 1] - core.pos) / core.step_px)
+    arrived = np.hypot(*(core.pos - core.ep_cands[:, 1]).T) < 1e-6
+    assert arrived.any() and core.visited[arrived, 1].all()
+    assert np.array_equal(venv.core.observe()["nav"][:, 5 + 7 :: 8][arrived], core.visited[arrived].astype(np.float32))
 
 
 def test_vecenv_seeded_reset_is_deterministic(scene: Scene) -> None:
