@@ -242,8 +242,7 @@ class RetrieveThenFly:
 
     def _goal_index(self, core: NavCore) -> np.ndarray:
         self.seen[core.steps == 0] = -np.inf  # a new episode
-        here = np.hypot(*np.moveaxis(core.ep_cands - core.pos[:, None, :], 2, 0)) <= 0.5 * core.cfg.success_radius
-        self.seen = np.where(here, np.maximum(self.seen, core.sim[:, None]), self.seen)
+        self.seen = np.where(core.at_candidates(), np.maximum(self.seen, core.sim[:, None]), self.seen)
         unvisited = ~core.visited
         return np.where(unvisited.any(axis=1), unvisited.argmax(axis=1), self.seen.argmax(axis=1))
 

@@ -140,9 +140,13 @@ class NavCore:
         self.visited[idx] = False
         self._mark_visited(idx)
 
-    def _mark_visited(self, idx: np.ndarray | slice) -> None:
+    def at_candidates(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """(len(idx), k): whether each agent is now within half a success radius of each candidate."""
         d = np.hypot(*np.moveaxis(self.ep_cands[idx] - self.pos[idx][:, None, :], 2, 0))
-        self.visited[idx] |= d <= 0.5 * self.cfg.success_radius
+        return d <= 0.5 * self.cfg.success_radius
+
+    def _mark_visited(self, idx: np.ndarray | slice) -> None:
+        self.visited[idx] |= self.at_candidates(idx)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Move every agent: returns reward, terminated (own stop rule), truncated."""
