@@ -200,28 +200,6 @@ class GreedyHillClimb:
 
 
 # -- whole-map lookup, then fly ------------------------------------------------------------------
-class _FlyToGoal:
-    """Estimate the target position once per target row, fly straight to it, then hold still."""
-
-    def __init__(self) -> None:
-        self.goals: dict[int, np.ndarray] = {}
-
-    def locate(self, venv: NavVecEnv, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), 2) estimated target positions."""
-        raise NotImplementedError
-
-    def reset(self, venv: NavVecEnv) -> None:
-        return None
-
-    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
-        rows = venv.core.rows
-        missing = np.array(sorted({int(r) for r in rows} - self.goals.keys()), np.int64)
-        if len(missing):
-            self.goals.update(zip(missing.tolist(), self.locate(venv, missing), strict=True))
-        goals = np.stack([self.goals[int(r)] for r in rows])
-        return fly_action(venv.core.pos, goals, venv.core.step_px)
-
-
 class RetrieveThenFly:
     """Fly straight to the top nearest neighbour of the target embedding in the map memory.
 
@@ -362,15 +340,27 @@ class TemplateMatcher:
         return float(left + self.v // 2), float(top + self.v // 2), float(score)
 
 
-class TemplateOracle(_FlyToGoal):
-    """Ceiling: find the target photo in the whole map's pixels by NCC, then fly straight."""
+class TemplateOracle:
+    """Ceiling: find the target photo in the whole map's pixels by NCC (once per target), then fly straight."""
 
     def __init__(self, matcher: TemplateMatcher) -> None:
-        super().__init__()
         self.matcher = matcher
+        self.goals: dict[int, np.ndarray] = {}
         self.scores: dict[int, float] = {}
 
+    def reset(self, venv: NavVecEnv) -> None:
+        return None
+
+    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
+        rows = venv.core.rows
+        missing = np.array(sorted({int(r) for r in rows} - self.goals.keys()), np.int64)
+        if len(missing):
+            self.goals.update(zip(missing.tolist(), self.locate(venv, missing), strict=True))
+        goals = np.stack([self.goals[int(r)] for r in rows])
+        return fly_action(venv.core.pos, goals, venv.core.step_px)
+
     def locate(self, venv: NavVecEnv, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 2) NCC estimates of the target positions of ``rows``."""
         out = np.empty((len(rows), 2))
         for k, row in enumerate(rows):
             x, y, score = self.matcher.locate(target_photo(venv.scene, int(row)))

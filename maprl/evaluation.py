@@ -32,7 +32,7 @@ from maprl.config import EvaluateParams
 from maprl.features import crop_views
 from maprl.geo import atomic_path, write_json
 from maprl.memory import MapMemory
-from maprl.navcore import NavConfig
+from maprl.navcore import DECOY_DISTANCE_RADII, NavConfig
 from maprl.scene import Scene
 from maprl.vecenv import NavVecEnv
 
@@ -87,8 +87,6 @@ DECOY_SPLIT = "test_decoy"
 
 def make_decoy_episodes(scene: Scene, n: int, seed: int, rate: float, success_radius: float) -> pd.DataFrame:
     """The decoy stress test: ``n`` test-split episodes labelled ``test_decoy`` (seeded apart from the others)."""
-    from maprl.navcore import DECOY_DISTANCE_RADII
-
     sub_seed = int(np.random.SeedSequence([seed, 99]).generate_state(1)[0])
     ep = make_episodes(scene, "test", n, sub_seed, rate, DECOY_DISTANCE_RADII * success_radius)
     return ep.assign(split=DECOY_SPLIT)
