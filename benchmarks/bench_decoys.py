@@ -14,37 +14,28 @@ beside retrieve-then-fly and the scripted search on the same episodes.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from maprl.config import load_params
-from maprl.evaluation import run_evaluate
-from maprl.runtime import load_runtime
-from maprl.stages import agent_params
-from maprl.training import run_train
-from maprl.tuning import load_best_hparams
+from maprl.eval.evaluate import run_evaluate
+from maprl.learn.training import RunPaths, run_train
 
 MAP, TARGETS, FEATURES = "data/map/map.tif", "data/targets/targets.csv", "data/features"
 
 
 def one_run(rate: float, timesteps: int, out: Path) -> dict[str, object]:
-    params = load_params("params.yaml")
+    params = load_params("params.yaml", stage="train")
     train = params.train.model_copy(update={"decoy_rate": rate, "total_timesteps": timesteps, "progress_bar": False})
     params = params.model_copy(update={"train": train})
-    ap = agent_params(params, "memory")
-    rt = load_runtime(ap, MAP, TARGETS, FEATURES)
-    hparams = load_best_hparams("models/best_hparams.yaml") if params.train.hparams == "tuned" else None
-    out.mkdir(parents=True, exist_ok=True)
+    policy = out / "models" / "memory" / "policy.zip"
+    paths = RunPaths(policy, out / "checkpoints", out / "history.json", out / "train.json", out / "live")
     t0 = time.perf_counter()
-    run_train(ap, rt, out / "models" / "memory", out / "train.json", out / "live", hparams)
+    run_train(params, "memory", MAP, TARGETS, FEATURES, "models/best_hparams.yaml", paths)
     seconds = time.perf_counter() - t0
-    original = out / "models" / "original"
-    if not original.exists():
-        os.symlink(Path("models/original").resolve(), original)
-    ev = run_evaluate(params, MAP, TARGETS, FEATURES, out / "models", out / "eval", out / "eval.json")
+    ev = run_evaluate(params, MAP, TARGETS, FEATURES, {"memory": policy}, out / "eval", out / "eval.json")
     row: dict[str, object] = {"decoy_rate": rate, "timesteps": timesteps, "train_s": round(seconds)}
     methods = {"agent": ev["agent"], **ev["baselines"]}
     for name in ("agent", "retrieve_then_fly", "retrieve_then_search"):

@@ -19,10 +19,10 @@ import pandas as pd
 from rasterio.transform import from_origin
 
 from maprl.config import EncoderParams, TileParams
-from maprl.encode import encode_map, measure
-from maprl.geo import MapData, read_map
-from maprl.tiling import build_targets, read_targets
-from maprl.world import synthesize_world
+from maprl.data.geo import MapData, read_map
+from maprl.data.tile import build_targets, read_targets
+from maprl.data.world import synthesize_world
+from maprl.features.encode import encode_map, measure
 
 CONFIGS: dict[str, dict[str, Any]] = {  # EncoderParams defaults unless overridden
     "pooled": {"kind": "pooled"},

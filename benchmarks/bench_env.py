@@ -14,11 +14,11 @@ import pandas as pd
 from rasterio.transform import from_origin
 
 from maprl.config import TileParams
-from maprl.env import SatelliteNavEnv
-from maprl.geo import MapData
-from maprl.scene import Scene
-from maprl.tiling import build_targets
-from maprl.world import synthesize_world
+from maprl.data.geo import MapData
+from maprl.data.tile import build_targets
+from maprl.data.world import synthesize_world
+from maprl.nav.env import SatelliteNavEnv
+from maprl.nav.scene import Scene
 
 
 def time_env(env: SatelliteNavEnv, steps: int) -> float:

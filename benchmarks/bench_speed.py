@@ -14,6 +14,7 @@ the feature policy on the batched env, in the same run. Prints two small tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -23,16 +24,16 @@ from rasterio.transform import from_origin
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from maprl.config import TileParams
-from maprl.env import SatelliteNavEnv
-from maprl.geo import MapData
-from maprl.navcore import NavConfig
-from maprl.policies import MapRLPolicy, PixelTrunk
-from maprl.runtime import pooled_memory
-from maprl.scene import Scene
-from maprl.tiling import build_targets
-from maprl.vecenv import NavVecEnv
-from maprl.world import synthesize_world
+from maprl.config import AgentParams, TileParams
+from maprl.data.geo import MapData
+from maprl.data.tile import build_targets
+from maprl.data.world import synthesize_world
+from maprl.learn.policies import MapRLPolicy, PixelTrunk
+from maprl.nav.core import NavConfig
+from maprl.nav.env import SatelliteNavEnv
+from maprl.nav.runtime import pooled_memory
+from maprl.nav.scene import Scene
+from maprl.nav.vecenv import NavVecEnv
 
 
 def scene_for(size: int) -> Scene:
@@ -65,7 +66,7 @@ def pixel_env_rate(scene: Scene, steps: int) -> tuple[float, float]:
 
 
 def feature_env_rate(scene: Scene, cfg: NavConfig, steps: int) -> tuple[float, float]:
-    env = SatelliteNavEnv(scene=scene, obs="features", config=NavConfig(**{**cfg.__dict__, "max_steps": None}))
+    env = SatelliteNavEnv(scene=scene, obs="features", config=dataclasses.replace(cfg, max_steps=None))
     env.reset(seed=0)
     acts = np.random.default_rng(0).uniform(-1, 1, (steps, 2)).astype(np.float32)
     return rate(lambda: [env.step(a) for a in acts], steps)
@@ -92,16 +93,13 @@ def main() -> None:
     torch.set_num_threads(2)
     scene = scene_for(args.size)
     memory = pooled_memory(scene, 16, 112)
-    cfg = NavConfig(max_steps=100, memory="retrieval", stop_threshold=0.98)
+    cfg = NavConfig.of(agent=AgentParams(memory="retrieval"), max_steps=100, stop_threshold=0.98)
+    no_memory = dataclasses.replace(cfg, agent=AgentParams(memory="none"))
     rows = []
     for name, (sec, r) in {
         "(a) pixel env + MobileNetV2 on both views": pixel_env_rate(scene, args.pixel_steps),
-        "(b) feature env (cache lookup)": feature_env_rate(
-            scene, NavConfig(**{**cfg.__dict__, "memory": "none"}), 5000
-        ),
-        "(c) batched NavVecEnv, 256 agents": vec_env_rate(
-            scene, NavConfig(**{**cfg.__dict__, "memory": "none"}), 256, 400
-        ),
+        "(b) feature env (cache lookup)": feature_env_rate(scene, no_memory, 5000),
+        "(c) batched NavVecEnv, 256 agents": vec_env_rate(scene, no_memory, 256, 400),
     }.items():
         rows.append({"env": name, "seconds": round(sec, 2), "steps/s": round(r, 1)})
     env_table = pd.DataFrame(rows)

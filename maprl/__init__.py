@@ -7,4 +7,4 @@ __version__ = "0.1.0"
 ENV_ID = "maprl/SatelliteNav-v0"
 
 if ENV_ID not in registry:
-    register(id=ENV_ID, entry_point="maprl.env:SatelliteNavEnv", max_episode_steps=1000)
+    register(id=ENV_ID, entry_point="maprl.nav.env:SatelliteNavEnv", max_episode_steps=1000)

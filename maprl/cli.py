@@ -1,30 +1,69 @@
 """The ``maprl`` command line.
 
-Every pipeline stage is also a sub-command (``maprl fetch`` does what ``dvc repro fetch``
-runs). Errors a user can fix print one clear message, no traceback, and exit 2.
+``maprl <stage>`` runs one pipeline stage exactly as ``dvc repro`` would (the command and paths
+of ``dvc.yaml``, so paths live in one place), without DVC's caching. ``maprl tune-worker``
+joins a tuning study from another machine, ``maprl check-params`` validates params.yaml.
+Errors a user can fix print one clear message, no traceback, and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from maprl.stages import LEARNING_INPUTS, STAGES, _params, add_stage_parser, guard
+import yaml
+
+from maprl.config import AGENTS, STAGE_SECTIONS, load_params
+from maprl.errors import InputError
+from maprl.stage import STAGE_HELP, guard
 
 EPILOG = """\
 examples:
   maprl fetch                      # build data/map/map.tif from params.yaml (default: synthetic world)
   maprl tile                       # sample target crops and the train/test split
-  maprl encode / tune / train / evaluate   # the other stages, one by one
-  maprl tune-worker --storage postgresql://user:pw@db-host/maprl --study maprl   # extra tuning worker
+  maprl encode / tune / evaluate   # the other stages, one by one
+  maprl train --agent original     # one of the trained agents: memory, nomemory, original
+  maprl tune-worker --storage postgresql://user:pw@db-host/maprl   # extra tuning worker
   maprl check-params               # validate params.yaml and print the resolved values
   dvc repro                        # run the whole pipeline with caching
 """
 
 
+def stage_command(name: str, dvc_yaml: Path = Path("dvc.yaml"), agent: str = "memory") -> list[str]:
+    """The command ``dvc repro`` runs for stage ``name``, from ``dvc.yaml`` (the one place paths live)."""
+    if not dvc_yaml.exists():
+        raise InputError(f"{dvc_yaml} not found; run `maprl {name}` from the root of a maprl repository")
+    spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(name)
+    if not isinstance(spec, dict) or "cmd" not in spec:
+        raise InputError(f"{dvc_yaml} has no stage {name!r}")
+    return shlex.split(str(spec["cmd"]).replace("${item.agent}", agent))
+
+
+def run_pipeline_stage(name: str, params: str, agent: str = "memory") -> int:
+    """Run stage ``name`` as dvc.yaml declares it, with another params file if given."""
+    if agent not in AGENTS:
+        raise InputError(f"--agent must be one of {', '.join(AGENTS)}")
+    cmd = stage_command(name, agent=agent)
+    if cmd and cmd[0] == "python":
+        cmd[0] = sys.executable
+    return subprocess.call([*cmd, "--params", params])
+
+
+def _add_stage(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name] + " Paths come from dvc.yaml.")
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    if name == "train":
+        p.add_argument("--agent", default="memory", choices=AGENTS, help="which agent (default: memory)")
+    p.set_defaults(func=lambda a: run_pipeline_stage(name, a.params, getattr(a, "agent", "memory")), raw=True)
+
+
 def cmd_check_params(args: argparse.Namespace) -> Any:
-    return _params(args).model_dump(mode="json")
+    return load_params(args.params).model_dump(mode="json")
 
 
 def cmd_params_table(args: argparse.Namespace) -> None:
@@ -34,10 +73,10 @@ def cmd_params_table(args: argparse.Namespace) -> None:
 
 
 def cmd_tune_worker(args: argparse.Namespace) -> Any:
-    from maprl.runtime import load_runtime
-    from maprl.tuning import run_worker
+    from maprl.learn.tuning import run_worker
+    from maprl.nav.runtime import load_runtime
 
-    params = _params(args)
+    params = load_params(args.params, stage="tune")
     rt = load_runtime(params, args.map, args.targets, args.features)
     return {"trials_run": run_worker(args.storage, args.study, params, rt, args.n_trials)}
 
@@ -45,17 +84,22 @@ def cmd_tune_worker(args: argparse.Namespace) -> Any:
 def _add_tune_worker(sub: Any) -> None:
     text = (
         "Join an Optuna study as an extra worker (another machine sharing a PostgreSQL storage). "
-        "Run `dvc repro encode` (or `dvc pull`) there first so the map, targets and features exist."
+        "Run `dvc repro encode` (or `dvc pull`) there first so the map, targets and features exist; "
+        "the study name gets the same data-and-settings hash as the tune stage's, so workers with "
+        "other data never mix into it."
     )
     p = sub.add_parser("tune-worker", help=text, description=text)
     p.add_argument("--storage", required=True, help="study storage, e.g. postgresql://user:pw@host:5432/maprl")
-    p.add_argument("--study", default="maprl", help="study name (tune.study_name; default: maprl)")
+    p.add_argument("--study", default="maprl", help="study base name (tune.study_name; default: maprl)")
     p.add_argument(
-        "--n-trials", type=int, default=None, help="stop when the study has this many (default: tune.n_trials)"
+        "--n-trials", type=int, default=None, help="stop at this many finished trials (default: tune.n_trials)"
     )
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    for flag, default, text in LEARNING_INPUTS:
-        p.add_argument(flag, default=default, help=f"{text} (default: {default})")
+    p.add_argument("--map", default="data/map/map.tif", help="map GeoTIFF (default: data/map/map.tif)")
+    p.add_argument(
+        "--targets", default="data/targets/targets.csv", help="targets table (default: data/targets/targets.csv)"
+    )
+    p.add_argument("--features", default="data/features", help="encode stage output (default: data/features)")
     p.set_defaults(func=cmd_tune_worker)
 
 
@@ -70,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"maprl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in STAGES:
-        add_stage_parser(sub, name)
+    for name in STAGE_SECTIONS:
+        _add_stage(sub, name)
     text = "Validate params.yaml and print every resolved value (defaults filled in)."
     p = sub.add_parser("check-params", help=text, description=text)
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
@@ -84,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "raw", False):  # a pipeline stage: its own process prints its errors
+        code: list[int] = []
+        status = guard(lambda: code.append(args.func(args)))
+        return status or code[0]
     return guard(lambda: args.func(args))
 
 

@@ -15,9 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from maprl.errors import ParamsError
 
+HPARAM_KEYS = (
+    "learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda",
+    "clip_range", "ent_coef", "vf_coef", "max_grad_norm",
+)  # fmt: skip
+"""The ``train`` keys an Optuna study may tune (``tune.space``; also ``one_minus_gamma``)."""
+INT_HPARAMS = ("n_steps", "batch_size", "n_epochs")
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN and infinity are rejected everywhere, naming the key
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BaseParams(_Section):
@@ -84,20 +92,18 @@ class TileParams(_Section):
 
 
 class EnvParams(_Section):
-    action_step: float = Field(0.05, gt=0, le=1, description="Largest move per step, fraction of the map side.")
-    max_steps: int = Field(1000, ge=1, le=100_000)
-    similarity: Literal["pooled", "pixels"] = Field("pooled", description="Feature space for similarity.")
-    bonus_threshold: float = Field(0.90, ge=-1, lt=1)
-    bonus_scale: float = Field(10.0, ge=0)
-    success_threshold: float = Field(0.98, ge=-1, le=1)
-    success_bonus: float = Field(100.0, ge=0)
-    step_penalty: float = Field(0.01, ge=0)
+    """Dynamics and the original design's reward; the stop threshold comes from the encode stage."""
 
-    @model_validator(mode="after")
-    def _check(self) -> EnvParams:
-        if self.success_threshold < self.bonus_threshold:
-            raise ValueError("success_threshold must be >= bonus_threshold")
-        return self
+    action_step: float = Field(0.05, gt=0, le=1, description="Largest move per step, fraction of the map side.")
+    bonus_band: float = Field(
+        0.08, gt=0, le=2, description="Similarity band below the calibrated stop threshold where the bonus ramps up."
+    )
+    bonus_scale: float = Field(10.0, ge=0, le=1e6, description="Bonus at similarity 1.")
+    success_bonus: float = Field(100.0, ge=0, le=1e6, description="Reward when the own stop rule fires.")
+    step_penalty: float = Field(0.01, ge=0, le=1e6)
+    max_nodata: float = Field(
+        0.5, ge=0, lt=1, description="Largest share of a view without imagery that a move may enter."
+    )
 
 
 class EncoderParams(_Section):
@@ -141,6 +147,9 @@ class AgentParams(_Section):
     n_candidates: int = Field(3, ge=1, le=64, description="Retrieval candidates in the observation.")
     include_position: bool = True
     include_prev_action: bool = True
+    nav: bool = Field(
+        True, description="Give the policy the nav vector; false: the two views only (the original design)."
+    )
 
 
 class TrainParams(_Section):
@@ -151,7 +160,12 @@ class TrainParams(_Section):
     total_timesteps: int = Field(300_000, ge=64, le=1_000_000_000)
     n_envs: int = Field(32, ge=1, le=4096)
     max_steps: int = Field(100, ge=1, le=100_000, description="Episode step budget while training.")
-    shaping: float = Field(1.0, ge=0, description="Potential-based distance shaping weight (0 = seed reward).")
+    shaping: float = Field(
+        1.0,
+        ge=0,
+        le=1e6,
+        description="Potential-based distance shaping weight, gamma*phi(s') - phi(s) (0 = seed reward).",
+    )
     decoy_rate: float = Field(
         0.0,
         ge=0,
@@ -169,7 +183,7 @@ class TrainParams(_Section):
     ent_coef: float = Field(0.0, ge=0, le=1)
     vf_coef: float = Field(0.5, ge=0, le=10)
     max_grad_norm: float = Field(0.5, gt=0, le=100)
-    eval_freq: int = Field(20_000, ge=1, description="Timesteps between periodic evaluations.")
+    eval_freq: int = Field(50_000, ge=1, description="Timesteps between periodic evaluations.")
     eval_episodes: int = Field(64, ge=1, description="Episodes per periodic evaluation and split.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of train targets held out for validation.")
     checkpoint_freq: int = Field(50_000, ge=1, description="Timesteps between checkpoints.")
@@ -268,10 +282,7 @@ class TuneParams(_Section):
     @classmethod
     def check_space(cls, space: Any) -> dict[str, dict[str, Any]]:
         """Validate and normalise a search space; ``ValueError`` names the bad key."""
-        names = {
-            "learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda",
-            "clip_range", "ent_coef", "vf_coef", "max_grad_norm", "one_minus_gamma",
-        }  # fmt: skip
+        names = {*HPARAM_KEYS, "one_minus_gamma"}
         if not isinstance(space, dict) or not space:
             raise ValueError("space must be a non-empty mapping: hyperparameter -> {low, high, log} or {choices}")
         unknown = sorted(str(k) for k in set(space) - names)
@@ -292,7 +303,7 @@ class TuneParams(_Section):
         if extra:
             raise ValueError(f"{where}: unknown field(s) {', '.join(extra)}; use low, high, log, step or choices")
         out = cls._check_choices(where, spec) if "choices" in spec else cls._check_range(where, spec)
-        if name in ("n_steps", "batch_size", "n_epochs"):
+        if name in INT_HPARAMS:
             out = cls._as_int(where, name, out)
         values = out["choices"] if "choices" in out else [out["low"], out["high"]]
         if name in ("n_steps", "batch_size"):
@@ -408,6 +419,25 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
 
 
+AGENTS = ("memory", "nomemory", "original")
+"""The trained agents: ``memory`` as configured; ``nomemory`` without the map memory (an
+ablation); ``original``, the original design: the two views only, the seed reward, no shaping."""
+
+
+def agent_variant(params: Params, agent: str) -> Params:
+    """``params`` as agent ``agent`` (one of :data:`AGENTS`) is trained and evaluated."""
+    if agent not in AGENTS:
+        raise ParamsError(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
+    if agent == "memory":
+        return params
+    a = params.agent.model_copy(update={"memory": "none"})
+    update: dict[str, Any] = {"agent": a}
+    if agent == "original":
+        update["agent"] = a.model_copy(update={"nav": False})
+        update["train"] = params.train.model_copy(update={"shaping": 0.0, "decoy_rate": 0.0})
+    return params.model_copy(update=update)
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
@@ -421,20 +451,40 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: Any, source: str = "params") -> Params:
-    """Validate an already-loaded mapping."""
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "fetch": ("base", "fetch", "tile"),
+    "tile": ("base", "tile"),
+    "encode": ("base", "tile", "encoder", "evaluate"),
+    "tune": ("base", "tile", "env", "agent", "train", "tune", "evaluate"),
+    "train": ("base", "tile", "env", "agent", "train", "evaluate"),
+    "evaluate": ("base", "tile", "env", "agent", "train", "evaluate"),
+}
+"""The params.yaml sections each stage reads; running a stage without one of them is an error."""
+
+
+def parse_params(raw: Any, source: str = "params", require: tuple[str, ...] = ()) -> Params:
+    """Validate an already-loaded mapping; every section in ``require`` must be present."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    missing = [name for name in require if name not in raw]
+    if missing:
+        raise ParamsError(
+            f"{source} has no {', '.join(missing)} section(s), which this stage reads; "
+            "restore them (`git checkout params.yaml`, or see the README's params table)"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(_format_error(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``; raise :class:`ParamsError` naming the bad key."""
+def load_params(path: str | Path = "params.yaml", stage: str | None = None) -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ParamsError` naming the bad key.
+
+    With ``stage``, the sections that stage reads (:data:`STAGE_SECTIONS`) must be in the file.
+    """
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} does not exist; run from the repository root or pass --params")
@@ -442,7 +492,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
-    return parse_params(raw, str(path))
+    return parse_params(raw, str(path), STAGE_SECTIONS[stage] if stage else ())
 
 
 def _type_name(ann: Any) -> str:

@@ -1,6 +1,25 @@
-"""DVC stage ``evaluate``; the same as ``maprl evaluate`` (see ``maprl evaluate --help``)."""
+"""DVC stage ``evaluate``: every trained agent and every baseline on the same fixed episodes."""
 
-from maprl.stages import run_stage
+from maprl.eval.evaluate import run_evaluate
+from maprl.stage import guard, parse_policies, stage_params, stage_parser
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("evaluate"))
+    args = stage_parser(
+        "evaluate",
+        [
+            ("--map", "map GeoTIFF"),
+            ("--targets", "targets table"),
+            ("--features", "encode stage output"),
+            ("--policies", "agent=policy.zip pairs, comma-separated"),
+            ("--out", "output folder (episodes.csv, methods.csv, plots, GIF)"),
+            ("--metrics", "metrics JSON"),
+        ],
+    ).parse_args()
+    params = stage_params("evaluate", args.params)
+    raise SystemExit(
+        guard(
+            lambda: run_evaluate(
+                params, args.map, args.targets, args.features, parse_policies(args.policies), args.out, args.metrics
+            )
+        )
+    )

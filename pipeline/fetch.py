@@ -1,6 +1,10 @@
-"""DVC stage ``fetch``; the same as ``maprl fetch`` (see ``maprl fetch --help``)."""
+"""DVC stage ``fetch``: imagery (synthetic world, local file or Earth Engine) into ``map.tif`` + ``map.json``."""
 
-from maprl.stages import run_stage
+from maprl.data.fetch import run_fetch
+from maprl.stage import guard, stage_params, stage_parser
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("fetch"))
+    args = stage_parser(
+        "fetch", [("--out", "output folder (map.tif, map.json)"), ("--metrics", "metrics JSON")]
+    ).parse_args()
+    raise SystemExit(guard(lambda: run_fetch(stage_params("fetch", args.params), args.out, args.metrics)))

@@ -1,6 +1,15 @@
-"""DVC stage ``tile``; the same as ``maprl tile`` (see ``maprl tile --help``)."""
+"""DVC stage ``tile``: sample target crops over the valid map and split them train/test."""
 
-from maprl.stages import run_stage
+from maprl.data.tile import run_tile
+from maprl.stage import guard, stage_params, stage_parser
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("tile"))
+    args = stage_parser(
+        "tile",
+        [
+            ("--map", "map GeoTIFF"),
+            ("--out", "output folder (targets.csv, crops/, preview.png)"),
+            ("--metrics", "metrics JSON"),
+        ],
+    ).parse_args()
+    raise SystemExit(guard(lambda: run_tile(stage_params("tile", args.params), args.map, args.out, args.metrics)))

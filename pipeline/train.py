@@ -1,6 +1,28 @@
-"""DVC stage ``train``; the same as ``maprl train`` (see ``maprl train --help``)."""
+"""DVC stage ``train``: train one agent (memory, nomemory or original) with PPO on the batched feature env."""
 
-from maprl.stages import run_stage
+from pathlib import Path
+
+from maprl.learn.training import RunPaths, run_train
+from maprl.stage import guard, stage_params, stage_parser
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("train"))
+    args = stage_parser(
+        "train",
+        [
+            ("--agent", "memory | nomemory | original"),
+            ("--map", "map GeoTIFF"),
+            ("--targets", "targets table"),
+            ("--features", "encode stage output"),
+            ("--best", "tuned hyperparameters (used when train.hparams is tuned)"),
+            ("--policy", "trained policy (.zip)"),
+            ("--checkpoints", "checkpoint folder (for train.resume)"),
+            ("--history", "periodic evaluation history (JSON)"),
+            ("--live", "dvclive folder"),
+            ("--metrics", "metrics JSON"),
+        ],
+    ).parse_args()
+    paths = RunPaths(Path(args.policy), Path(args.checkpoints), Path(args.history), Path(args.metrics), Path(args.live))
+    params = stage_params("train", args.params)
+    raise SystemExit(
+        guard(lambda: run_train(params, args.agent, args.map, args.targets, args.features, args.best, paths))
+    )

@@ -1,6 +1,30 @@
-"""DVC stage ``tune``; the same as ``maprl tune`` (see ``maprl tune --help``)."""
+"""DVC stage ``tune``: an Optuna study over PPO hyperparameters, scored on the validation split (resumable)."""
 
-from maprl.stages import run_stage
+from maprl.learn.tuning import run_tune_stage
+from maprl.stage import guard, stage_params, stage_parser
 
 if __name__ == "__main__":
-    raise SystemExit(run_stage("tune"))
+    args = stage_parser(
+        "tune",
+        [
+            ("--map", "map GeoTIFF"),
+            ("--targets", "targets table"),
+            ("--features", "encode stage output"),
+            ("--out", "study folder (journal, trials.csv, tune.png)"),
+            ("--best", "best hyperparameters YAML"),
+            ("--metrics", "metrics JSON"),
+        ],
+    ).parse_args()
+    raise SystemExit(
+        guard(
+            lambda: run_tune_stage(
+                stage_params("tune", args.params),
+                args.map,
+                args.targets,
+                args.features,
+                args.out,
+                args.best,
+                args.metrics,
+            )
+        )
+    )

@@ -7,6 +7,7 @@ set -e
 ruff check .
 ruff format --check maprl pipeline benchmarks tests
 mypy
+lint-imports
 # PostgreSQL for the multi-worker tuning test (prints an export, or a reason and nothing to export).
 eval "$(bash scripts/postgres.sh)" || true
 set +e

@@ -11,7 +11,7 @@ from rasterio.transform import from_origin
 from scipy.ndimage import gaussian_filter
 
 from maprl.config import Params, parse_params
-from maprl.geo import MapData, utm_crs, write_map
+from maprl.data.geo import MapData, utm_crs, write_map
 
 
 def textured_rgb(size: int, seed: int = 0) -> np.ndarray:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from maprl.cli import build_parser, main
+from maprl.cli import build_parser, main, stage_command
+from maprl.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,9 +30,13 @@ def _write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("tile: {test_fraction: 2}\n", "tile.test_fraction"),
-        ("tile: {modes: random}\n", "tile.modes"),
+        ("base: {seed: 1}\ntile: {test_fraction: 2}\n", "tile.test_fraction"),
+        ("base: {seed: 1}\ntile: {modes: random}\n", "tile.modes"),
+        ("base: {seed: 1}\ntile: {view_size: .nan}\n", "tile.view_size"),
+        ("base: {seed: 1}\ntile: {test_fraction: .inf}\n", "tile.test_fraction"),
         ("fetch: [1, 2\n", "not valid YAML"),
+        ("", "no base, tile section(s)"),
+        ("base: {seed: 1}\n", "no tile section"),
     ],
 )
 def test_stage_bad_params_exit_2_and_keep_outputs(tmp_path: Path, text: str, needle: str) -> None:
@@ -63,10 +68,31 @@ def test_stage_bad_params_exit_2_and_keep_outputs(tmp_path: Path, text: str, nee
     assert (out / "targets.csv").read_text() == "earlier" and metrics.read_text() == "{}"
 
 
-def test_missing_map_is_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    params = _write(tmp_path, "tile: {view_size: 16, block_size: 32}\n")
-    code = main(["tile", "--params", str(params), "--map", str(tmp_path / "none.tif"), "--out", str(tmp_path)])
-    assert code == 2 and "dvc repro fetch" in capsys.readouterr().err
+def _tile(tmp_path: Path, params: Path, map_path: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(REPO / "pipeline" / "tile.py"), "--params", str(params), "--map", str(map_path)]
+    cmd += ["--out", str(tmp_path / "targets"), "--metrics", str(tmp_path / "tile.json")]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+
+
+def test_missing_map_is_clear(tmp_path: Path) -> None:
+    params = _write(tmp_path, "base: {seed: 1}\ntile: {view_size: 16, block_size: 32}\n")
+    proc = _tile(tmp_path, params, tmp_path / "none.tif")
+    assert proc.returncode == 2 and "dvc repro fetch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stage_command_comes_from_dvc_yaml() -> None:
+    cmd = stage_command("train", REPO / "dvc.yaml", agent="original")
+    assert cmd[:2] == ["python", "pipeline/train.py"] and "models/original/policy.zip" in cmd
+    with pytest.raises(InputError, match="no stage 'nope'"):
+        stage_command("nope", REPO / "dvc.yaml")
+
+
+def test_check_params_into_a_closed_pipe_is_quiet() -> None:
+    """Defect: ``maprl check-params | head -1`` ended in a BrokenPipeError traceback."""
+    proc = subprocess.run(
+        f"{sys.executable} -m maprl.cli check-params | head -1", shell=True, capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.stdout.strip() == "{" and "Traceback" not in proc.stderr and "Error" not in proc.stderr
 
 
 def test_check_params_prints_resolved(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

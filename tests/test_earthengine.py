@@ -1,4 +1,4 @@
-"""Offline tests for maprl.earthengine: Earth Engine is faked at the ``ee.data`` boundary.
+"""Offline tests for maprl.data.earthengine: Earth Engine is faked at the ``ee.data`` boundary.
 
 ``ee.apitestcase.ApiTestCase`` initialises the ee library from its bundled algorithm list
 without the network, so the real image expression is built; ``ee.Initialize``,
@@ -25,10 +25,10 @@ from ee import apitestcase
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
-from maprl import earthengine as eem
 from maprl.config import EarthEngineParams
+from maprl.data import earthengine as eem
+from maprl.data.geo import NODATA, read_map
 from maprl.errors import EarthEngineError
-from maprl.geo import NODATA, read_map
 
 # About 1.5 km x 1.1 km near Lausanne (UTM zone 32N).
 BBOX = (6.62, 46.51, 6.64, 46.52)
@@ -157,7 +157,7 @@ def test_plan_grid_is_utm_north_up_and_covers_bbox() -> None:
     assert t.c % 20 == 0 and t.f % 20 == 0
     # The bbox is about 1.53 km x 1.11 km, a little more in UTM because of convergence.
     assert 76 <= grid.width <= 82 and 55 <= grid.height <= 60
-    from maprl.geo import lonlat_to_crs
+    from maprl.data.geo import lonlat_to_crs
 
     for lon in (BBOX[0], BBOX[2]):
         for lat in (BBOX[1], BBOX[3]):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from maprl.config import EncoderParams
-from maprl.encode import calibrate_stop, run_encode, target_embeddings
-from maprl.encoders import (
+from maprl.data.geo import MapData
+from maprl.errors import InputError, ParamsError
+from maprl.features.cache import (
     EncoderFeatures,
     PooledGrid,
     build_encoder,
@@ -22,9 +23,8 @@ from maprl.encoders import (
     make_space,
     pretrain_ssl,
 )
-from maprl.errors import InputError, ParamsError
-from maprl.features import crop_views, valid_centres
-from maprl.geo import MapData
+from maprl.features.encode import calibrate_stop, run_encode, target_embeddings
+from maprl.views import crop_views, valid_centres
 
 from conftest import grid_targets, make_map, tiny_params
 

@@ -4,9 +4,9 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import maprl
-from maprl.env import SatelliteNavEnv
-from maprl.geo import MapData
-from maprl.scene import Scene
+from maprl.data.geo import MapData
+from maprl.nav.env import SatelliteNavEnv
+from maprl.nav.scene import Scene
 
 from conftest import grid_targets
 
@@ -59,7 +59,7 @@ def test_same_seed_same_rollout(scene: Scene) -> None:
 
 
 def test_reward_formula_on_hand_built_cases(scene: Scene) -> None:
-    env = make(scene, bonus_threshold=0.9, bonus_scale=10, success_threshold=0.98, success_bonus=100)
+    env = make(scene, bonus_band=0.08, bonus_scale=10, stop_threshold=0.98, success_bonus=100)
     assert env.reward(0.5) == (pytest.approx(0.5 - 0.01), False)
     assert env.reward(0.95)[0] == pytest.approx(0.95 + 10 * 0.05 / 0.1 - 0.01)
     r, success = env.reward(0.99)
@@ -68,7 +68,7 @@ def test_reward_formula_on_hand_built_cases(scene: Scene) -> None:
 
 def test_clipped_at_borders(scene: Scene) -> None:
     env = make(scene)
-    env.reset(seed=0, options={"target_id": 0, "start": (120.0, 120.0)})
+    env.reset(seed=0, options={"target_id": 0, "start": (111.0, 111.0)})
     for _ in range(30):
         *_, info = env.step(np.array([1.0, 1.0], np.float32))
     x, y = info["position"]
@@ -119,3 +119,86 @@ def test_pixel_similarity_option(scene: Scene, tiny_map: MapData) -> None:
     env = make(pix)
     _, info = env.reset(seed=0, options={"target_id": 0, "start": (70.0, 70.0)})
     assert info["similarity"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bonus_band_follows_the_calibrated_stop_threshold(scene: Scene) -> None:
+    """Defect: the bonus started at a fixed 0.90, above a calibrated stop of 0.75, so it never paid."""
+    env = make(scene, stop_threshold=0.75, bonus_band=0.08, bonus_scale=10)
+    assert env.reward(0.60) == (pytest.approx(0.60 - 0.01), False)  # below the band: no bonus
+    r, success = env.reward(0.74)  # inside the band, below the stop: a bonus, no success
+    assert not success and r == pytest.approx(0.74 + 10 * (0.74 - 0.67) / (1 - 0.67) - 0.01)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"start": np.array([70.0, 70.0]), "target_id": 99}, r"\['target_id'\]=99 is not a target"),
+        ({"target_id": np.array([1, 2])}, "is not a target"),
+        ({"start": (np.nan, 70.0)}, "two finite numbers"),
+        ({"start": (70.0, 70.0, 1.0)}, "two finite numbers"),
+        ({"start": "here"}, "two finite numbers"),
+        ({"start": (500.0, 70.0)}, "off the map"),
+        ({"decoy": (np.inf, 3.0)}, "two finite numbers"),
+    ],
+)
+def test_bad_reset_options_are_clear_errors(scene: Scene, options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make(scene).reset(seed=0, options=options)
+
+
+def test_start_may_be_an_array(scene: Scene) -> None:
+    """Defect: ``options={"start": np.array([x, y])}`` raised (an ``or`` on an array)."""
+    _, info = make(scene).reset(seed=0, options={"start": np.array([70.0, 75.0])})
+    assert info["position"] == (70.0, 75.0)
+
+
+@pytest.mark.parametrize("action", [np.array([np.nan, 0.0]), np.zeros(3), np.zeros((1, 2))])
+def test_bad_actions_are_clear_errors(scene: Scene, action: np.ndarray) -> None:
+    env = make(scene)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action must be two finite numbers"):
+        env.step(action)
+
+
+def test_shaping_is_potential_based(scene: Scene) -> None:
+    """Defect: the shaping omitted gamma and phi(terminal) = 0. Over an episode that ends at the target,
+    the discounted shaping returns telescope to -phi(start) = start distance / step."""
+    gamma, step = 0.9, 0.1 * 128
+    env = make(scene, shaping=1.0, gamma=gamma, stop_threshold=0.999, step_penalty=0, bonus_scale=0)
+    _, info = env.reset(seed=0, options={"target_id": 1, "start": (90.0 - 2 * step, 60.0)})
+    ret, k, terminated = 0.0, 0, False
+    while not terminated:
+        _, r, terminated, _, info = env.step(np.array([1.0, 0.0], np.float32))
+        ret += gamma**k * (r - info["similarity"] - 100 * terminated)  # the shaping part of the reward
+        k += 1
+    assert k == 2 and info["distance_px"] == pytest.approx(0, abs=1e-9)
+    assert ret == pytest.approx(2 * step / step)
+
+
+def test_moves_cross_a_nodata_gap_narrower_than_max_nodata(tiny_map: MapData) -> None:
+    """Defect: any nodata pixel in the new view blocked the move, so agents froze at nodata edges."""
+    valid = np.ones_like(tiny_map.valid)
+    valid[:, 60:68] = False  # an 8 px strip from top to bottom, a quarter of the 32 px view
+    m = MapData(tiny_map.rgb, tiny_map.elevation, valid, tiny_map.transform, tiny_map.crs)
+    targets = grid_targets([100.0, 30.0], [64.0, 64.0], ["train", "train"])
+    for max_nodata, crossed in ((0.0, False), (0.3, True)):
+        env = SatelliteNavEnv(scene=Scene.build(m, targets, V, max_nodata=max_nodata), action_step=0.05)
+        env.reset(seed=0, options={"target_id": 0, "start": (30.0, 64.0)})
+        for _ in range(20):
+            _, _, _, _, info = env.step(np.array([1.0, 0.0], np.float32))
+        assert (info["position"][0] > 68) == crossed
+
+
+def test_distance_in_true_metres_on_a_map_in_degrees() -> None:
+    """Defect: a map in EPSG:4326 reported metres in degrees. At 46.5 deg N one degree of longitude
+    is about 76.8 km and one of latitude about 111.2 km."""
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    m = MapData(
+        np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.float32), np.ones((64, 64), bool),
+        from_origin(6.0, 46.5, 1e-3, 1e-3), CRS.from_epsg(4326),
+    )  # fmt: skip
+    mx, my = m.metres_per_pixel_xy
+    assert mx == pytest.approx(76.8, rel=0.01) and my == pytest.approx(111.2, rel=0.01)
+    assert float(m.distance_m(np.array([0.0, 0.0]), np.array([3.0, 4.0]))) == pytest.approx(np.hypot(3 * mx, 4 * my))

@@ -7,8 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maprl.baselines import (
-    AgentController,
+from maprl.config import EvaluateParams
+from maprl.data.geo import MapData
+from maprl.eval.agents import AgentController
+from maprl.eval.baselines import (
     ControllerFactory,
     GreedyHillClimb,
     Lawnmower,
@@ -21,29 +23,19 @@ from maprl.baselines import (
     lawnmower_plan,
     target_photo,
 )
-from maprl.config import EvaluateParams
-from maprl.evaluation import (
-    bin_labels,
-    evaluate_methods,
-    make_episodes,
-    make_eval_env,
-    make_split_episodes,
-    run_episodes,
-    spl,
-    summarise,
-    write_outputs,
-)
-from maprl.geo import MapData
-from maprl.memory import MapMemory
-from maprl.navcore import NavConfig
-from maprl.scene import Scene
-from maprl.vecenv import NavVecEnv
+from maprl.eval.episodes import evaluate_methods, make_episodes, make_eval_env, make_split_episodes, run_episodes
+from maprl.eval.evaluate import write_outputs
+from maprl.eval.metrics import bin_labels, spl, summarise
+from maprl.features.memory import MapMemory
+from maprl.nav.core import NavConfig
+from maprl.nav.scene import Scene
+from maprl.nav.vecenv import NavVecEnv
 
 from conftest import grid_targets, make_map
 
 V = 32
-PLAIN = NavConfig(action_step=0.1, max_steps=40, success_radius=8.0)
-CFG = NavConfig(action_step=0.1, max_steps=40, success_radius=8.0, memory="retrieval")
+PLAIN = NavConfig.of(action_step=0.1, max_steps=40, success_radius=8.0)
+CFG = NavConfig.of(action_step=0.1, max_steps=40, success_radius=8.0, memory="retrieval")
 
 
 def _valid_targets(m: MapData, n: int, seed: int) -> pd.DataFrame:
@@ -173,7 +165,7 @@ def test_controllers_output_unit_box(scene: Scene, memory: MapMemory, episodes: 
 
 # -- metrics ----------------------------------------------------------------------------------------
 def test_spl_is_one_for_a_straight_line_oracle(scene: Scene, episodes: pd.DataFrame) -> None:
-    cfg = NavConfig(action_step=0.1, max_steps=40, success_radius=8.0, stop_threshold=0.999)
+    cfg = NavConfig.of(action_step=0.1, max_steps=40, success_radius=8.0, stop_threshold=0.999)
     df, paths = run_episodes(make_eval_env(scene, cfg, len(episodes)), GroundTruth(), episodes)
     assert df["success"].all() and df["stopped"].all()
     assert np.allclose(df["spl"], 1.0)
@@ -187,7 +179,7 @@ def test_spl_is_one_for_a_straight_line_oracle(scene: Scene, episodes: pd.DataFr
 def test_success_is_ground_truth_not_the_stop_rule(scene: Scene, episodes: pd.DataFrame) -> None:
     far = episodes[(episodes["start_x"] - scene.targets["x"].to_numpy()[episodes["target_row"]]).abs() > 30]
     assert len(far) > 0
-    eager = NavConfig(action_step=0.1, max_steps=40, success_radius=8.0, stop_threshold=-1.0)  # stops at once
+    eager = NavConfig.of(action_step=0.1, max_steps=40, success_radius=8.0, stop_threshold=-1.0)  # stops at once
     df, _ = run_episodes(make_eval_env(scene, eager, len(far)), Hold(), far)
     assert df["stopped"].all() and not df["success"].any()
     assert (df["spl"] == 0).all() and (df["steps"] == 1).all()
@@ -257,7 +249,7 @@ class FakeRecurrent:
 def test_agent_controller_passes_episode_start(scene: Scene, episodes: pd.DataFrame) -> None:
     model = FakeRecurrent()
     ctrl = AgentController(model, recurrent=True)
-    cfg = NavConfig(action_step=0.1, max_steps=3, success_radius=8.0)
+    cfg = NavConfig.of(action_step=0.1, max_steps=3, success_radius=8.0)
     run_episodes(make_eval_env(scene, cfg, len(episodes)), ctrl, episodes)
     assert model.starts[0].all() and not model.starts[1].any() and len(model.starts) == 3
     assert ctrl.state == ("h", 3)
@@ -296,7 +288,7 @@ def test_agent_controller_with_sb3_models(scene: Scene, episodes: pd.DataFrame, 
     from sb3_contrib import RecurrentPPO
     from stable_baselines3 import PPO
 
-    cfg = NavConfig(action_step=0.1, max_steps=5, success_radius=8.0)
+    cfg = NavConfig.of(action_step=0.1, max_steps=5, success_radius=8.0)
     venv = make_eval_env(scene, cfg, len(episodes))
     kw: dict[str, Any] = {"n_steps": 8, "batch_size": 8, "seed": 0, "device": "cpu"}
     model = PPO("MultiInputPolicy", venv, **kw) if algo == "ppo" else RecurrentPPO("MultiInputLstmPolicy", venv, **kw)

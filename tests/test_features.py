@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from maprl.features import PooledFeatures, crop_views, lookalike_rate, valid_centres
-from maprl.geo import MapData
+from maprl.data.geo import MapData
+from maprl.features.spaces import PooledFeatures
+from maprl.views import crop_views, far_pairs, valid_centres
 
 
 def test_pooled_cache_equals_direct_embedding(tiny_map: MapData) -> None:
@@ -32,8 +33,19 @@ def test_valid_centres_matches_brute_force(tiny_map: MapData) -> None:
             assert ok[y, x] == expect
 
 
-def test_lookalike_rate_on_distinct_texture(tiny_map: MapData) -> None:
+def test_valid_centres_allows_a_share_of_nodata(tiny_map: MapData) -> None:
+    valid = np.ones((64, 64), bool)
+    valid[:, 30:34] = False  # a 4 px strip: a quarter of a 16 px view at most
+    assert not valid_centres(valid, 16)[32, 32]
+    assert valid_centres(valid, 16, max_nodata=0.25)[32, 32] and not valid_centres(valid, 16, max_nodata=0.2)[32, 32]
+
+
+def test_far_pairs_are_far_and_distinct_texture_looks_distinct(tiny_map: MapData) -> None:
     space = PooledFeatures(tiny_map.rgb, 16)
     ys, xs = np.nonzero(valid_centres(tiny_map.valid, 16))
-    out = lookalike_rate(space, np.stack([xs, ys], 1).astype(float), np.random.default_rng(0), n_pairs=300)
-    assert out["n_pairs"] == 300 and out["lookalike_rate"] < 0.05
+    centres = np.stack([xs, ys], 1).astype(float)
+    pairs = far_pairs(centres, 16, 300, np.random.default_rng(0))
+    a, b = centres[pairs[:, 0]], centres[pairs[:, 1]]
+    assert len(pairs) == 300 and (np.linalg.norm(a - b, axis=1) > 16).all()
+    sims = np.sum(space.embed_at(a[:, 0], a[:, 1]) * space.embed_at(b[:, 0], b[:, 1]), axis=1)
+    assert np.mean(sims >= 0.9) < 0.05

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import rasterio
 
+from maprl.data.fetch import run_fetch
+from maprl.data.geo import NODATA, read_map, write_map
 from maprl.errors import InputError
-from maprl.fetch import run_fetch
-from maprl.geo import NODATA, read_map, write_map
 
 from conftest import make_map, textured_rgb, tiny_params
 
@@ -25,7 +25,7 @@ def test_synthetic_fetch_is_deterministic(tmp_path: Path) -> None:
     assert w < 6.63 < e and s < 46.52 < n
     assert meta["width"] == meta["height"] == 128 and meta["metres_per_pixel"] == 1.0
     metrics = json.loads((tmp_path / "a.json").read_text())
-    assert 0 <= metrics["distinctness"]["lookalike_rate"] <= 1
+    assert 0 < metrics["usable_view_fraction"] <= 1
 
 
 def test_synthetic_geotiff_has_four_bands_and_crs(tmp_path: Path) -> None:

@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 import yaml
+from rasterio.transform import from_origin
+
+from conftest import textured_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +85,15 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
 
     exp = _run(["dvc", "exp", "run", "-S", "tile.test_fraction=0.3"], repo)
     assert "Running stage 'tile'" in exp and "Running stage 'fetch'" not in exp
+
+    # a new map right after a default run: tune starts a study of its own (its name hashes the data)
+    photo = tmp_path / "photo.tif"
+    rgb = textured_rgb(224, seed=5)
+    profile = {"driver": "GTiff", "width": 224, "height": 224, "count": 3, "dtype": "uint8",
+               "crs": "EPSG:32632", "transform": from_origin(500000, 5150000, 1.0, 1.0)}  # fmt: skip
+    with rasterio.open(photo, "w", **profile) as dst:
+        dst.write(np.moveaxis(rgb, -1, 0))
+    exp = _run(["dvc", "exp", "run", "-S", "fetch.source=file", "-S", f"fetch.path={photo}"], repo)
+    assert "Running stage 'tune'" in exp and "Running stage 'evaluate'" in exp
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert {"agent_nomemory", "agent_original"} <= set(ev["baselines"])

@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 
 from maprl.config import TileParams
+from maprl.data.geo import MapData
+from maprl.data.tile import block_interiors, build_targets, run_tile, sample_targets
 from maprl.errors import InputError
-from maprl.features import valid_centres, view_origin
-from maprl.geo import MapData
-from maprl.tiling import block_interiors, build_targets, run_tile, sample_targets
+from maprl.views import valid_centres, view_origin
 
 from conftest import tiny_params
 

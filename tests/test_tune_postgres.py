@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from maprl.tuning import driver_url, make_storage, open_study
+from maprl.learn.tuning import driver_url, make_storage, open_study
 
 pytestmark = pytest.mark.postgres
 
@@ -28,7 +28,7 @@ HEARTBEAT, GRACE = 1, 2
 
 WORKER = r"""
 import sys, time, optuna
-from maprl.tuning import AnnealSampler, make_storage, optimize_study
+from maprl.learn.tuning import AnnealSampler, make_storage, optimize_study
 url, name, n_trials, sleep = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 storage = make_storage(url, heartbeat_interval=int(sys.argv[5]), grace_period=int(sys.argv[6]), max_retry=1)

@@ -17,19 +17,16 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from maprl.config import TuneParams, parse_params
+from maprl.config import HPARAM_KEYS, TuneParams, parse_params
+from maprl.data.geo import MapData
 from maprl.errors import InputError, ParamsError
-from maprl.geo import MapData
-from maprl.runtime import Runtime, pooled_memory
-from maprl.scene import Scene
-from maprl.training import HPARAM_KEYS
-from maprl.tuning import (
+from maprl.learn.training import load_best_hparams
+from maprl.learn.tuning import (
     ALIASES,
     AnnealSampler,
     TrialEval,
     count_finished,
     hparams_from_params,
-    load_best_hparams,
     make_sampler,
     make_storage,
     objective,
@@ -42,6 +39,8 @@ from maprl.tuning import (
     suggest_hparams,
     write_best_hparams,
 )
+from maprl.nav.runtime import Runtime, pooled_memory
+from maprl.nav.scene import Scene
 
 from conftest import grid_targets, tiny_params
 
@@ -257,7 +256,7 @@ def test_trial_eval_callback_reports_and_prunes() -> None:
 
 
 def test_nan_is_pruned_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
-    import maprl.tuning as tuning
+    import maprl.learn.tuning as tuning
 
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda t: report(t, float("nan"), 0), n_trials=1)
@@ -310,9 +309,11 @@ def test_interrupted_study_resumes_to_the_total(tmp_path: Path) -> None:
     assert optimize_study(study, _quadratic, 7, progress=False) == 4
     again = study_for(params, None, 0)
     assert count_finished(again) == 7 and optimize_study(again, _quadratic, 7, progress=False) == 0
+    # other settings (or other data) get a study of their own in the same journal, never mixed in
     other = parse_params({"tune": {"storage": str(journal), "space": {**SPACE, "n_epochs": {"low": 1, "high": 20}}}})
-    with pytest.raises(ParamsError, match="differ in: tune"):
-        study_for(other, None, 0)
+    fresh = study_for(other, None, 0)
+    assert fresh.study_name != again.study_name and count_finished(fresh) == 0
+    assert count_finished(study_for(params, None, 0)) == 7
 
 
 def test_trial_of_a_dead_local_process_is_requeued(tmp_path: Path) -> None:

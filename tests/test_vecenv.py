@@ -1,18 +1,20 @@
 """The batched vector env must behave exactly like N Gymnasium envs (features obs)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from gymnasium.wrappers import TimeLimit
 
-from maprl.env import SatelliteNavEnv
-from maprl.geo import MapData
-from maprl.memory import MapMemory
-from maprl.navcore import NavConfig
-from maprl.policies import MapRLNetwork, MapRLPolicy
-from maprl.runtime import pooled_memory
-from maprl.scene import Scene
-from maprl.vecenv import NavVecEnv
+from maprl.data.geo import MapData
+from maprl.features.memory import MapMemory
+from maprl.learn.policies import MapRLNetwork, MapRLPolicy
+from maprl.nav.core import NavConfig
+from maprl.nav.env import SatelliteNavEnv
+from maprl.nav.runtime import pooled_memory
+from maprl.nav.scene import Scene
+from maprl.nav.vecenv import NavVecEnv
 
 from conftest import grid_targets
 
@@ -33,8 +35,8 @@ def memory(scene: Scene) -> MapMemory:
 @pytest.mark.parametrize("mem", ["none", "retrieval", "retrieval+decoys"])
 def test_vecenv_matches_gym_envs_step_by_step(scene: Scene, memory: MapMemory, mem: str) -> None:
     memory_kind, decoys = mem.split("+")[0], mem.endswith("decoys")
-    cfg = NavConfig(
-        action_step=0.08, max_steps=6, stop_threshold=0.97, shaping=0.5, memory=memory_kind, success_radius=8
+    cfg = NavConfig.of(
+        action_step=0.08, max_steps=6, stop_threshold=0.97, shaping=0.5, gamma=0.9, memory=memory_kind, success_radius=8
     )
     n = 3
     rng = np.random.default_rng(0)
@@ -49,7 +51,7 @@ def test_vecenv_matches_gym_envs_step_by_step(scene: Scene, memory: MapMemory, m
     venv = NavVecEnv(scene, n, cfg, memory=memory)
     venv.set_episodes(list(episodes))
     queue = list(episodes)
-    gcfg = NavConfig(**{**cfg.__dict__, "max_steps": None})
+    gcfg = dataclasses.replace(cfg, max_steps=None)
     envs = [TimeLimit(SatelliteNavEnv(scene=scene, obs="features", config=gcfg, memory=memory), 6) for _ in range(n)]
 
     def gym_reset(env: TimeLimit) -> dict:
@@ -77,7 +79,7 @@ def test_vecenv_matches_gym_envs_step_by_step(scene: Scene, memory: MapMemory, m
 
 
 def test_decoys_replace_the_top_candidate_and_visits_are_flagged(scene: Scene, memory: MapMemory) -> None:
-    cfg = NavConfig(max_steps=50, memory="retrieval", n_candidates=3, success_radius=8, decoy_rate=0.5)
+    cfg = NavConfig.of(max_steps=50, memory="retrieval", n_candidates=3, success_radius=8, decoy_rate=0.5)
     assert cfg.nav_dim() == 5 + 8 * 3 + 1
     venv = NavVecEnv(scene, 64, cfg, memory=memory, seed=1)
     venv.reset()
@@ -96,7 +98,7 @@ def test_decoys_replace_the_top_candidate_and_visits_are_flagged(scene: Scene, m
 
 
 def test_vecenv_seeded_reset_is_deterministic(scene: Scene) -> None:
-    cfg = NavConfig(max_steps=5)
+    cfg = NavConfig.of(max_steps=5)
 
     def roll(seed: int) -> np.ndarray:
         venv = NavVecEnv(scene, 4, cfg)
@@ -108,7 +110,7 @@ def test_vecenv_seeded_reset_is_deterministic(scene: Scene) -> None:
 
 
 def test_feature_extractor_and_policy_forward(scene: Scene, memory: MapMemory) -> None:
-    cfg = NavConfig(max_steps=5, memory="retrieval")
+    cfg = NavConfig.of(max_steps=5, memory="retrieval")
     venv = NavVecEnv(scene, 2, cfg, memory=memory)
     ext = MapRLNetwork(venv.observation_space)
     assert ext.features_dim == 64 + cfg.nav_dim()
@@ -125,3 +127,16 @@ def test_pixel_policy_forward(scene: Scene) -> None:
     obs, _ = env.reset(seed=0)
     batch = {k: torch.as_tensor(v[None]).float() for k, v in obs.items()}
     assert ext(batch).shape == (1, 64) and ext.head[0].in_features == 2560
+
+
+def test_vec_env_methods_respect_indices_and_call_once(scene: Scene) -> None:
+    """Defect: env_method called the method N times on the one object and ignored ``indices``."""
+    venv = NavVecEnv(scene, 4, NavConfig.of(max_steps=5))
+    calls: list[int] = []
+    venv.count = lambda: calls.append(1) or len(calls)  # type: ignore[attr-defined]
+    assert venv.env_method("count", indices=[1, 3]) == [1, 1] and calls == [1]
+    assert venv.env_method("count", indices=[]) == [] and calls == [1]
+    assert venv.get_attr("num_envs", indices=[0, 2]) == [4, 4] and len(venv.get_attr("num_envs")) == 4
+    venv.set_attr("render_mode", None)
+    with pytest.raises(ValueError, match="shared by all 4 agents"):
+        venv.set_attr("render_mode", "rgb_array", indices=[1])

@@ -1,4 +1,4 @@
-"""Tests for the procedural world generator (maprl.world)."""
+"""Tests for the procedural world generator (maprl.data.world)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from maprl.world import World, synthesize_world
+from maprl.data.world import World, synthesize_world
 
 
 @pytest.fixture(scope="module")

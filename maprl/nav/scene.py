@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from maprl.features import FeatureSpace, crop_views, make_feature_space, valid_centres, view_origin
-from maprl.geo import MapData
+from maprl.data.geo import MapData
+from maprl.features.spaces import FeatureSpace, make_feature_space
+from maprl.views import crop_views, valid_centres, view_origin
 
 
 @dataclass
@@ -21,7 +22,10 @@ class Scene:
     targets: pd.DataFrame  # columns id, x, y, split (at least)
     space: FeatureSpace
     view_size: int
-    ok: np.ndarray = field(init=False)  # (H, W) bool valid view centres
+    max_nodata: float = 0.0  # share of a view without imagery that a move may enter
+    ok: np.ndarray = field(init=False)  # (H, W) bool: centres of whole valid views (starts, targets)
+    can_enter: np.ndarray = field(init=False)  # (H, W) bool: centres a move may reach (<= max_nodata)
+    targets_xy: np.ndarray = field(init=False)  # (T, 2) float target centres
     lo: float = field(init=False)
     hi_x: float = field(init=False)
     hi_y: float = field(init=False)
@@ -29,6 +33,10 @@ class Scene:
 
     def __post_init__(self) -> None:
         self.ok = valid_centres(self.map.valid, self.view_size)
+        self.can_enter = (
+            self.ok if self.max_nodata == 0 else valid_centres(self.map.valid, self.view_size, self.max_nodata)
+        )
+        self.targets_xy = self.targets[["x", "y"]].to_numpy(float) if len(self.targets) else np.zeros((0, 2))
         if not self.ok.any():
             raise ValueError("no position on this map has a whole valid view; the map is too small or empty")
         v = self.view_size
@@ -37,8 +45,11 @@ class Scene:
         self.hi_y = self.map.height - v / 2 - 0.5
 
     @classmethod
-    def build(cls, m: MapData, targets: pd.DataFrame, view_size: int, similarity: str = "pooled") -> Scene:
-        return cls(m, targets.reset_index(drop=True), make_feature_space(similarity, m.rgb, view_size), view_size)
+    def build(
+        cls, m: MapData, targets: pd.DataFrame, view_size: int, similarity: str = "pooled", max_nodata: float = 0.0
+    ) -> Scene:
+        space = make_feature_space(similarity, m.rgb, view_size)
+        return cls(m, targets.reset_index(drop=True), space, view_size, max_nodata)
 
     @property
     def step_scale(self) -> float:
@@ -48,15 +59,20 @@ class Scene:
     def clip(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.clip(xs, self.lo, self.hi_x), np.clip(ys, self.lo, self.hi_y)
 
-    def is_valid(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    def _lookup(self, mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         x0, y0 = view_origin(xs, ys, self.view_size)
         half = self.view_size // 2
-        return self.ok[y0 + half, x0 + half]
+        return mask[y0 + half, x0 + half]
+
+    def is_valid(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Whether the views centred at (xs, ys) lie wholly on valid imagery."""
+        return self._lookup(self.ok, xs, ys)
 
     def move(self, xs: np.ndarray, ys: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Apply a move, clip it to the map, and stay put where the new view would touch nodata."""
+        """Apply a move, clip it to the map, and stay put where the new view would hold more than
+        ``max_nodata`` of pixels without imagery."""
         nx, ny = self.clip(xs + dx, ys + dy)
-        keep = self.is_valid(nx, ny)
+        keep = self._lookup(self.can_enter, nx, ny)
         return np.where(keep, nx, xs), np.where(keep, ny, ys)
 
     def sample_start(self, rng: np.random.Generator) -> tuple[float, float]:
@@ -87,7 +103,7 @@ class Scene:
     def target_embeddings(self, batch: int = 64) -> np.ndarray:
         """(T, D) embeddings of every target crop, from its pixels (computed once)."""
         if self._target_embs is None:
-            xy = self.targets[["x", "y"]].to_numpy(float)
+            xy = self.targets_xy
             chunks = [
                 self.space.embed_view(
                     crop_views(self.map.rgb, xy[i : i + batch, 0], xy[i : i + batch, 1], self.view_size)

@@ -1,23 +1,5 @@
-"""Learned feature spaces: CNN encoders, self-supervised pretraining and a dense feature cache.
-
-An encoder maps a (B, 3, S, S) batch, ImageNet-normalised from uint8, to (B, D) features: a
-fully convolutional trunk followed by global average pooling.
-
-* ``mobilenet_v2``: torchvision's MobileNetV2 ``.features`` (classifier removed), D = 1280,
-  network stride 32. Weights ``imagenet`` (torchvision weights API, or ``weights_path``),
-  ``random`` or ``ssl``.
-* ``nature_cnn``: the conv stack of SB3's NatureCNN (8x8/4, 4x4/2, 3x3/1), padded so the
-  stride is exactly 8, then a 1x1 conv to D = 256.
-* ``impala_cnn``: IMPALA's residual CNN (3 stages of conv, max-pool /2 and two residual
-  blocks; 16, 32, 32 channels), stride 8, then a 1x1 conv to D = 256.
-
-``ssl`` weights: random init, then SimCLR-style contrastive pretraining (InfoNCE) on views
-of the map itself. The two views of a pair show the same place under photometric jitter
-(brightness, contrast, per-channel gain) and small geometric jitter (shift, rotation, scale);
-the other places in the batch are the negatives. It uses the whole valid map, train and test
-areas alike: it sees pixels only, never a target position or split, like any map
-preprocessing. BatchNorm statistics of a ``random``/``ssl`` MobileNetV2 are re-estimated on
-map views (AdaBN), as its default running statistics do not match any real input.
+"""The dense feature cache: a trained encoder (:mod:`maprl.features.nets`, optionally pretrained by
+:mod:`maprl.features.ssl`) run once over the whole map, so an agent step is a lookup.
 
 :class:`EncoderFeatures` is the dense cache. The encoder runs fully convolutionally over the
 whole map, resized by ``input_size / view_size``, once per map offset needed to reach the
@@ -35,7 +17,6 @@ bilinearly between grid nodes and renormalises: a step is a lookup.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,260 +24,22 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
 from tqdm.auto import tqdm
 
 from maprl.config import EncoderParams
+from maprl.data.geo import MapData
 from maprl.errors import InputError, ParamsError
-from maprl.features import FeatureSpace, PooledFeatures, crop_views, unit, valid_centres
-from maprl.geo import MapData, atomic_path
+from maprl.features.nets import Encoder, build_encoder, normalise, recalibrate_batchnorm, to_unit_tensor, views_to_input
+from maprl.features.spaces import FeatureSpace, PooledFeatures
+from maprl.features.ssl import pretrain_ssl
+from maprl.io import atomic_path
+from maprl.views import crop_views, integral_image, sample_centres, unit, valid_centres
 
-KINDS = ("mobilenet_v2", "nature_cnn", "impala_cnn")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_FILE = "cache.npz"
 ENCODER_FILE = "encoder.pt"
 _BATCH = 64
 WHITEN_REG = 1e-3  # eigenvalue floor of the whitening, relative to the largest
 DEFAULT_BORDER = {"mobilenet_v2": 0, "nature_cnn": 2, "impala_cnn": 2}  # cells; see Pooling
-
-
-# -- networks ------------------------------------------------------------------------------
-class Encoder(nn.Module):
-    """A fully convolutional ``trunk`` then global average pooling: (B, 3, S, S) -> (B, D)."""
-
-    def __init__(self, trunk: nn.Module, kind: str, dim: int, stride: int) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.kind, self.dim, self.stride = kind, dim, stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x).mean(dim=(2, 3))
-
-
-def nature_cnn_trunk(dim: int = 256) -> nn.Sequential:
-    """SB3 NatureCNN's convolutions, padded to an exact stride of 8, and a 1x1 conv to ``dim``."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 8, stride=4, padding=2),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 64, 3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, dim, 1),
-        nn.ReLU(),
-    )
-
-
-class ResidualBlock(nn.Module):
-    """IMPALA residual block: x + conv(relu(conv(relu(x))))."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
-
-
-def impala_cnn_trunk(channels: tuple[int, ...] = (16, 32, 32), dim: int = 256) -> nn.Sequential:
-    """IMPALA CNN stages (conv, max-pool /2, two residual blocks), then ReLU and a 1x1 conv to ``dim``."""
-    layers: list[nn.Module] = []
-    c_in = 3
-    for c in channels:
-        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.MaxPool2d(3, stride=2, padding=1)]
-        layers += [ResidualBlock(c), ResidualBlock(c)]
-        c_in = c
-    return nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(c_in, dim, 1), nn.ReLU())
-
-
-def _imagenet_state_dict(weights_path: str | None) -> dict[str, Any]:
-    """MobileNetV2 ImageNet weights from ``weights_path`` or the torch hub cache (never a silent download)."""
-    from torchvision.models import MobileNet_V2_Weights
-
-    w = MobileNet_V2_Weights.IMAGENET1K_V1
-    if weights_path:
-        if not Path(weights_path).exists():
-            raise InputError(f"encoder.weights_path {weights_path} does not exist")
-        return dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    try:
-        return dict(w.get_state_dict(progress=False, check_hash=True))
-    except (OSError, RuntimeError) as err:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-        raise InputError(
-            f"cannot load ImageNet weights for mobilenet_v2 ({type(err).__name__}: {err}). Offline, download "
-            f"{w.url} elsewhere and put it at {cached} (that is $TORCH_HOME/hub/checkpoints/; TORCH_HOME="
-            f"{os.environ.get('TORCH_HOME', 'unset, default ~/.cache/torch')}), or set encoder.weights_path to "
-            "the .pth file, or use encoder.weights: ssl or random, which need no download"
-        ) from None
-
-
-def mobilenet_v2_trunk(weights: str, weights_path: str | None = None) -> nn.Module:
-    """MobileNetV2 ``.features``: randomly initialised, or with ImageNet weights."""
-    from torchvision.models import mobilenet_v2
-
-    model = mobilenet_v2()
-    if weights == "imagenet":
-        try:
-            model.load_state_dict(_imagenet_state_dict(weights_path))
-        except RuntimeError as err:
-            raise InputError(f"the ImageNet state dict does not fit torchvision's MobileNetV2: {err}") from None
-    return model.features
-
-
-def build_encoder(kind: str, weights: str = "random", seed: int = 0, weights_path: str | None = None) -> Encoder:
-    """An encoder of ``kind``; ``imagenet`` loads pretrained weights, ``random``/``ssl`` a seeded init.
-
-    ``ssl`` only sets the initial weights here; :func:`pretrain_ssl` trains them.
-    """
-    if kind not in KINDS:
-        raise ParamsError(f"encoder.kind: unknown encoder {kind!r}; choose one of {', '.join(KINDS)}")
-    if weights == "imagenet" and kind != "mobilenet_v2":
-        raise ParamsError("encoder.weights: imagenet exists only for kind: mobilenet_v2; use ssl or random")
-    torch.manual_seed(seed)
-    if kind == "mobilenet_v2":
-        enc = Encoder(mobilenet_v2_trunk(weights, weights_path), kind, 1280, 32)
-    elif kind == "nature_cnn":
-        enc = Encoder(nature_cnn_trunk(), kind, 256, 8)
-    else:
-        enc = Encoder(impala_cnn_trunk(), kind, 256, 8)
-    return enc.eval()
-
-
-# -- pixels to tensors ---------------------------------------------------------------------
-def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) floats in 0..1 to ImageNet-normalised inputs."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
-
-
-def to_unit_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 to (N, 3, H, W) float32 in 0..1."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def views_to_input(views: np.ndarray, input_size: int) -> torch.Tensor:
-    """(N, V, V, 3) uint8 views, resized (antialiased bilinear) to ``input_size`` and normalised."""
-    x = to_unit_tensor(views)
-    if x.shape[-1] != input_size:
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
-    return normalise(x)
-
-
-def sample_centres(ok: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` integer (x, y) centres drawn uniformly from a valid-centre mask."""
-    flat = np.flatnonzero(ok)
-    if len(flat) == 0:
-        raise InputError("the map has no valid area for a whole view; check nodata or tile.view_size")
-    ys, xs = np.unravel_index(flat[rng.integers(0, len(flat), n)], ok.shape)
-    return xs.astype(float), ys.astype(float)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(encoder: Encoder, views: np.ndarray, input_size: int, batch: int = 32) -> None:
-    """AdaBN: re-estimate BatchNorm running statistics on map views (no-op without BatchNorm)."""
-    bns = [m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
-        return
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
-    encoder.train()
-    for i in range(0, len(views), batch):
-        encoder(views_to_input(views[i : i + batch], input_size))
-    for bn in bns:
-        bn.momentum = 0.1
-    encoder.eval()
-
-
-# -- self-supervised pretraining ----------------------------------------------------------
-def _affine_thetas(n: int, pad: float, g: torch.Generator, shift: float, rot_deg: float, scale: float) -> torch.Tensor:
-    """Random (n, 2, 3) affine maps from output to input coords: rotation, scale, shift."""
-    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(rot_deg)
-    s = (1 + (torch.rand(n, generator=g) * 2 - 1) * scale) / pad
-    t = (torch.rand(n, 2, generator=g) * 2 - 1) * 2 * shift / pad
-    cos, sin = torch.cos(ang) * s, torch.sin(ang) * s
-    return torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
-
-
-def _photometric(x: torch.Tensor, g: torch.Generator, strength: float = 0.2) -> torch.Tensor:
-    """Brightness, contrast and per-channel gain (a hue/white-balance shift) jitter, on 0..1 pixels."""
-    n = x.shape[0]
-    gain = 1 + (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1) * strength / 2
-    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=g) * 2 - 1) * strength
-    bright = (torch.rand(n, 1, 1, 1, generator=g) * 2 - 1) * strength / 2
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x * gain - mean) * contrast + mean + bright).clamp(0, 1)
-
-
-def augment(crops: torch.Tensor, pad: float, out: int, g: torch.Generator) -> torch.Tensor:
-    """One random view per padded crop (B, 3, P, P) in 0..1: geometric then photometric jitter, normalised.
-
-    The crop side is ``pad`` times the view; the output is the central view, shifted by up to
-    6% of the view, rotated by up to 10 degrees and scaled by up to 10%, at ``out`` pixels.
-    """
-    theta = _affine_thetas(len(crops), pad, g, shift=0.06, rot_deg=10.0, scale=0.1)
-    grid = F.affine_grid(theta, [len(crops), 3, out, out], align_corners=False)
-    x = F.grid_sample(crops, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return normalise(_photometric(x, g))
-
-
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent loss: each view's positive is its pair, the other 2B - 2 views are negatives."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    sim = z @ z.T / temperature
-    sim.fill_diagonal_(float("-inf"))
-    n = len(z1)
-    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
-    return F.cross_entropy(sim, labels)
-
-
-def _ssl_batch(
-    rgb: np.ndarray, ok: np.ndarray, side: int, scale: float, n: int, rng: np.random.Generator
-) -> torch.Tensor:
-    """``n`` padded crops (side x side map pixels) resized by ``scale``, as 0..1 tensors."""
-    xs, ys = sample_centres(ok, n, rng)
-    crops = to_unit_tensor(crop_views(rgb, xs, ys, side))
-    size = max(8, round(side * scale))
-    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def _ssl_step(encoder: Encoder, head: nn.Module, opt: torch.optim.Optimizer, crops: torch.Tensor, pad: float,
-              p: EncoderParams, g: torch.Generator) -> float:  # fmt: skip
-    """One InfoNCE step on two augmented views of each crop; returns the loss."""
-    views = torch.cat([augment(crops, pad, p.input_size, g), augment(crops, pad, p.input_size, g)])
-    z = head(encoder(views))
-    loss = info_nce(z[: len(crops)], z[len(crops) :], p.ssl_temperature)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return float(loss.item())
-
-
-def pretrain_ssl(
-    encoder: Encoder, rgb: np.ndarray, valid: np.ndarray, view_size: int, p: EncoderParams, seed: int
-) -> list[float]:
-    """SimCLR/InfoNCE pretraining of ``encoder`` in place on views of the map; returns the loss per step.
-
-    Positives: two jittered views of the same place. Negatives: the other places in the batch.
-    Places are drawn from the whole valid map (pixels only, no targets or splits).
-    """
-    torch.manual_seed(seed)
-    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    pad = 1.25  # crops 25% larger than the view leave room for the geometric jitter
-    side = math.ceil(view_size * pad)
-    ok = valid_centres(valid, side)
-    head = nn.Sequential(nn.Linear(encoder.dim, 256), nn.ReLU(), nn.Linear(256, 128))
-    opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=p.ssl_lr, weight_decay=1e-6)
-    encoder.train()
-    losses = []
-    for _ in tqdm(range(p.ssl_steps), desc="ssl", unit="step", leave=False):
-        crops = _ssl_batch(rgb, ok, side, p.input_size / view_size, p.ssl_batch_size, rng)
-        losses.append(_ssl_step(encoder, head, opt, crops, pad, p, g))
-    encoder.eval()
-    return losses
 
 
 # -- dense cache geometry ------------------------------------------------------------------
@@ -321,13 +64,6 @@ def feature_map(encoder: Encoder, rgb_t: torch.Tensor, ox: int, oy: int, scale: 
     if scale != 1.0:  # an explicit scale factor keeps map pixel u at resized pixel u * scale exactly
         x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, recompute_scale_factor=False)
     return encoder.trunk(normalise(x))[0].permute(1, 2, 0).numpy()
-
-
-def integral(fmap: np.ndarray) -> np.ndarray:
-    """Summed-area table (h+1, w+1, D) float64 of a feature map."""
-    out = np.zeros((fmap.shape[0] + 1, fmap.shape[1] + 1, fmap.shape[2]), np.float64)
-    np.cumsum(np.cumsum(fmap, axis=0, dtype=np.float64), axis=1, out=out[1:, 1:])
-    return out
 
 
 def _corner(sat: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -414,7 +150,7 @@ def dense_grid(encoder: Encoder, rgb: np.ndarray, pooling: Pooling, stride: int,
         cols, rows = np.flatnonzero(px == i), np.flatnonzero(py == j)
         if len(cols) == 0 or len(rows) == 0:
             continue
-        sat = integral(feature_map(encoder, rgb_t, int(offsets[i]), int(offsets[j]), pooling.input_size / v))
+        sat = integral_image(feature_map(encoder, rgb_t, int(offsets[i]), int(offsets[j]), pooling.input_size / v))
         rr, cc = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
         out[rr, cc] = pooling.pool(sat, (y0[rr] - offsets[j]) / cell, (x0[cc] - offsets[i]) / cell)
     return out
@@ -428,7 +164,7 @@ def view_descriptors(encoder: Encoder, views: np.ndarray, pooling: Pooling, batc
     out = []
     for i in range(0, len(views), batch):
         fmaps = encoder.trunk(views_to_input(views[i : i + batch], pooling.input_size)).permute(0, 2, 3, 1).numpy()
-        out += [pooling.pool(integral(f), zero, zero) for f in fmaps]
+        out += [pooling.pool(integral_image(f), zero, zero) for f in fmaps]
     return np.concatenate(out) if out else np.zeros((0, encoder.dim * pooling.grid**2), np.float32)
 
 

@@ -1,6 +1,6 @@
 """The ``encode`` stage: build (and for ``ssl`` pretrain) the encoder, cache it over the map, calibrate the stop rule.
 
-Outputs in ``out_dir``: ``cache.npz`` and ``encoder.pt`` (see :mod:`maprl.encoders`),
+Outputs in ``out_dir``: ``cache.npz`` and ``encoder.pt`` (see :mod:`maprl.features.cache`),
 ``calibration.json`` (the stop threshold and what it does) and ``ssl_loss.csv``; plus the
 metrics JSON:
 
@@ -35,10 +35,12 @@ import pandas as pd
 import torch
 
 from maprl.config import EncoderParams, Params
-from maprl.encoders import MapSpace, PooledGrid, build_space, train_encoder
-from maprl.features import FeatureSpace, crop_views, unit, valid_centres
-from maprl.geo import MapData, atomic_path, read_map, write_json
-from maprl.tiling import read_targets
+from maprl.data.geo import MapData, read_map
+from maprl.data.tile import read_targets
+from maprl.features.cache import MapSpace, PooledGrid, build_space, train_encoder
+from maprl.features.spaces import FeatureSpace
+from maprl.io import atomic_path, write_json
+from maprl.views import crop_views, far_pairs, pixel_cosine, valid_centres
 
 
 # -- building ------------------------------------------------------------------------------
@@ -94,29 +96,12 @@ def retrieval_accuracy(space: MapSpace, queries: np.ndarray, truth: np.ndarray, 
     return float(np.mean(np.linalg.norm(space.grid_positions()[best] - truth, axis=1) <= radius))
 
 
-def far_pairs(centres: np.ndarray, min_dist: float, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n', 2) index pairs into ``centres`` lying more than ``min_dist`` apart (n' <= n)."""
-    i = rng.integers(0, len(centres), size=(n * 4, 2))
-    far = np.linalg.norm(centres[i[:, 0]] - centres[i[:, 1]], axis=1) > min_dist
-    return i[far][:n]
-
-
-def pixel_cosine(m: MapData, a: np.ndarray, b: np.ndarray, view: int, chunk: int = 100) -> np.ndarray:
-    """Raw flattened-pixel cosine between the views centred at ``a`` and ``b`` (N, 2), in small chunks."""
-    out = []
-    for s in range(0, len(a), chunk):
-        va = crop_views(m.rgb, a[s : s + chunk, 0], a[s : s + chunk, 1], view).reshape(len(a[s : s + chunk]), -1)
-        vb = crop_views(m.rgb, b[s : s + chunk, 0], b[s : s + chunk, 1], view).reshape(len(va), -1)
-        out.append(np.sum(unit(va.astype(np.float32)) * unit(vb.astype(np.float32)), axis=1))
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def far_pair_similarity(space: MapSpace, m: MapData, rng: np.random.Generator, n: int = 1000) -> dict[str, float]:
     """Similarity of unrelated views (centres more than a view apart): raw pixels vs the space."""
     centres = space.grid_positions()
     pairs = far_pairs(centres, space.view_size, n, rng)
     a, b = centres[pairs[:, 0]], centres[pairs[:, 1]]
-    pix = pixel_cosine(m, a, b, space.view_size)
+    pix = pixel_cosine(m.rgb, a, b, space.view_size)
     mine = np.sum(space.embed_at(a[:, 0], a[:, 1]) * space.embed_at(b[:, 0], b[:, 1]), axis=1)
     return {
         "n_pairs": len(pairs),

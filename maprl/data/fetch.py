@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from maprl.config import FetchParams, Params
 from maprl.errors import InputError
-from maprl.features import PooledFeatures, lookalike_rate, valid_centres
-from maprl.geo import MapData, lonlat_to_crs, read_map, utm_crs, write_json, write_map
-from maprl.world import synthesize_world
+from maprl.views import valid_centres
+from maprl.data.geo import MapData, lonlat_to_crs, read_map, utm_crs, write_map
+from maprl.io import write_json
+from maprl.data.world import synthesize_world
 
 
 def fetch_synthetic(p: FetchParams, seed: int, out_tif: Path) -> dict[str, Any]:
@@ -119,15 +120,15 @@ def describe_map(m: MapData) -> dict[str, Any]:
     }
 
 
-def distinctness(m: MapData, view_size: int, seed: int, n_pairs: int = 2000) -> dict[str, float]:
-    """Share of far view pairs that look alike in the pooled feature space (see README)."""
-    ok = valid_centres(m.valid, view_size)
-    ys, xs = np.nonzero(ok[::8, ::8])
-    if len(xs) < 2:
-        raise InputError("the map has no area large enough for one view; check nodata or fetch.resample")
-    centres = np.stack([xs * 8, ys * 8], axis=1).astype(float)
-    space = PooledFeatures(m.rgb, view_size)
-    return lookalike_rate(space, centres, np.random.default_rng(seed), n_pairs=n_pairs)
+def usable_fraction(m: MapData, view_size: int) -> float:
+    """Share of the map's pixels that can centre a whole view; an error when none can."""
+    share = float(valid_centres(m.valid, view_size).mean())
+    if share == 0:
+        raise InputError(
+            f"no {view_size}x{view_size} view fits on valid imagery of this {m.width}x{m.height} map; "
+            "lower tile.view_size, or check nodata and fetch.resample"
+        )
+    return share
 
 
 def run_fetch(params: Params, out_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def run_fetch(params: Params, out_dir: str | Path, metrics_path: str | Path) -> 
     elif p.source == "file":
         meta = fetch_file(p, tif)
     else:
-        from maprl.earthengine import fetch_earthengine
+        from maprl.data.earthengine import fetch_earthengine
 
         meta = fetch_earthengine(p.earthengine, tif)
     m = read_map(tif)
@@ -150,7 +151,7 @@ def run_fetch(params: Params, out_dir: str | Path, metrics_path: str | Path) -> 
     metrics = {
         "seconds": round(elapsed, 2),
         "valid_fraction": meta["valid_fraction"],
-        "distinctness": distinctness(m, params.tile.view_size, params.base.seed),
+        "usable_view_fraction": usable_fraction(m, params.tile.view_size),
     }
     write_json(out_dir / "map.json", meta)
     write_json(metrics_path, metrics)

@@ -13,7 +13,6 @@ position (``venv.core.targets_xy``): each finds the target from pixels or featur
 | ``RetrieveThenFly`` | map memory (whole-map features)        | nearest neighbour, then fly straight   |
 | ``... search=True`` | map memory, visited flags              | visit the candidates in rank order     |
 | ``TemplateOracle``  | whole-map pixels                       | NCC template matching, then fly        |
-| ``AgentController`` | a trained SB3 model                    | ``model.predict``                      |
 
 The episode ends through the env's own stop rule, exactly as for the agent.
 """
@@ -21,18 +20,18 @@ The episode ends through the env's own stop rule, exactly as for the agent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from scipy import fft as sfft
 
-from maprl.features import crop_views
-from maprl.memory import MapMemory
+from maprl.features.memory import MapMemory
+from maprl.views import crop_views
 
 if TYPE_CHECKING:
-    from maprl.navcore import NavCore
-    from maprl.scene import Scene
-    from maprl.vecenv import NavVecEnv
+    from maprl.nav.core import NavCore
+    from maprl.nav.scene import Scene
+    from maprl.nav.vecenv import NavVecEnv
 
 
 class Controller(Protocol):
@@ -65,11 +64,6 @@ def target_photo(scene: Scene, row: int) -> np.ndarray:
     """The target photo of target ``row`` (V, V, 3) uint8, as the agent is given it."""
     t = scene.targets.iloc[row]
     return crop_views(scene.map.rgb, np.array([t["x"]], float), np.array([t["y"]], float), scene.view_size)[0]
-
-
-def _fresh(venv: NavVecEnv) -> np.ndarray:
-    """Agents at the first step of an episode (after a reset or an auto-reset)."""
-    return np.asarray(venv.core.steps == 0)
 
 
 # -- image-blind -------------------------------------------------------------------------------
@@ -214,7 +208,7 @@ class RetrieveThenFly:
         self.seen = np.zeros((0, 0))
 
     def reset(self, venv: NavVecEnv) -> None:
-        if venv.cfg.memory != "retrieval":
+        if not venv.cfg.retrieval:
             raise ValueError("retrieve-then-fly needs an env with memory: retrieval")
         self.seen = np.full(venv.core.visited.shape, -np.inf)
 
@@ -367,46 +361,6 @@ class TemplateOracle:
             out[k] = (x, y)
             self.scores[int(row)] = score
         return out
-
-
-# -- a trained agent -------------------------------------------------------------------------------
-def _is_recurrent(model: Any) -> bool:
-    try:
-        from sb3_contrib import RecurrentPPO
-    except ImportError:  # pragma: no cover - sb3-contrib is a dependency
-        return False
-    return isinstance(model, RecurrentPPO)
-
-
-class AgentController:
-    """A trained SB3 model, deterministic. Recurrent models keep their LSTM state per agent.
-
-    ``obs_transform`` is applied to observations first (e.g. ``VecNormalize.normalize_obs``).
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        recurrent: bool | None = None,
-        obs_transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
-    ) -> None:
-        self.model = model
-        self.recurrent = _is_recurrent(model) if recurrent is None else recurrent
-        self.obs_transform = obs_transform
-        self.state: Any = None
-
-    def reset(self, venv: NavVecEnv) -> None:
-        self.state = None
-
-    def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
-        if self.obs_transform is not None:
-            obs = self.obs_transform(obs)
-        if self.recurrent:
-            start = _fresh(venv)  # True at each agent's first step, also after an auto-reset
-            actions, self.state = self.model.predict(obs, state=self.state, episode_start=start, deterministic=True)
-        else:
-            actions, _ = self.model.predict(obs, deterministic=True)
-        return np.asarray(actions, np.float32).reshape(venv.num_envs, 2)
 
 
 def default_baselines(scene: Scene, memory: MapMemory | None, seed: int) -> dict[str, ControllerFactory]:

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from maprl.config import Params, TileParams
 from maprl.errors import InputError
-from maprl.features import crop_views, valid_centres
-from maprl.geo import MapData, atomic_path, read_map, write_json
+from maprl.views import crop_views, valid_centres
+from maprl.data.geo import MapData, read_map
+from maprl.data.splits import hold_out
+from maprl.io import atomic_path, staged_dir, write_json
 
 COLUMNS = ["id", "x", "y", "lon", "lat", "split", "block", "texture"]
 
@@ -48,15 +50,14 @@ def block_interiors(ok: np.ndarray, block: int, view: int) -> np.ndarray:
     return np.where(ok & inside, by * nbx + bx, -1)
 
 
-def _split_blocks(block_ids: np.ndarray, fraction: float, rng: np.random.Generator) -> set[int]:
+def _test_blocks(block_ids: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     blocks = np.unique(block_ids[block_ids >= 0])
     if len(blocks) < 2:
         raise InputError(
             f"tile.block_size: only {len(blocks)} block(s) can hold a whole view; "
             "lower tile.block_size or use tile.mode: random"
         )
-    n_test = int(np.clip(round(len(blocks) * fraction), 1, len(blocks) - 1))
-    return {int(b) for b in rng.permutation(blocks)[:n_test]}
+    return hold_out(blocks, fraction, rng)
 
 
 def sample_targets(ok: np.ndarray, p: TileParams, rng: np.random.Generator) -> pd.DataFrame:
@@ -71,8 +72,7 @@ def sample_targets(ok: np.ndarray, p: TileParams, rng: np.random.Generator) -> p
         block = np.full(p.n_targets, -1)
     else:
         ids = block_interiors(ok, p.block_size, p.view_size)
-        test_blocks = _split_blocks(ids, p.test_fraction, rng)
-        is_test = np.isin(ids, list(test_blocks))
+        is_test = np.isin(ids, _test_blocks(ids, p.test_fraction, rng))
         idx = np.concatenate(
             [
                 _pick(np.flatnonzero(is_test), n_test, rng),
@@ -134,15 +134,18 @@ def read_targets(path: str | Path) -> pd.DataFrame:
 
 
 def run_tile(params: Params, map_path: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
-    """Run the tile stage: ``targets.csv`` (+ crops/) in ``out_dir`` and split metrics."""
+    """Run the tile stage: ``targets.csv`` (+ crops/, preview.png) in ``out_dir`` and split metrics.
+
+    The folder is written whole into a temporary sibling and then swapped in, so a rerun with
+    fewer targets leaves no stale crops, and a failure leaves the previous folder as it was.
+    """
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
     m = read_map(map_path)
     p = params.tile
-    crops = out_dir / "crops" if p.write_crops else None
-    targets = build_targets(m, p, params.base.seed, crops)
-    with atomic_path(out_dir / "targets.csv") as tmp:
-        targets.to_csv(tmp, index=False, float_format="%.7f")
+    with staged_dir(out_dir) as out:
+        targets = build_targets(m, p, params.base.seed, out / "crops" if p.write_crops else None)
+        targets.to_csv(out / "targets.csv", index=False, float_format="%.7f")
+        write_preview(m, targets, p.view_size, out / "preview.png")
     counts = targets["split"].value_counts()
     metrics = {
         "n_train": int(counts.get("train", 0)),
@@ -150,16 +153,15 @@ def run_tile(params: Params, map_path: str | Path, out_dir: str | Path, metrics_
         "test_fraction": float(counts.get("test", 0) / len(targets)),
         "mode": p.mode,
         "n_test_blocks": int(targets.loc[targets["split"] == "test", "block"].nunique()) if p.mode == "spatial" else 0,
+        "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_preview(m, targets, p.view_size, out_dir / "preview.png")
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(metrics_path, metrics)
     return metrics
 
 
 def write_preview(m: MapData, targets: pd.DataFrame, view: int, path: Path, n_crops: int = 8) -> None:
     """The README picture: map, elevation, targets by split and a sample of target crops."""
-    from maprl.plotting import save_preview
+    from maprl.viz.plots import save_preview
 
     sample = targets.groupby("split", group_keys=False).head(n_crops // 2)
     crops = list(crop_views(m.rgb, sample["x"].to_numpy(), sample["y"].to_numpy(), view))

@@ -14,38 +14,39 @@ start; the agent moves its view until it matches the target.
 | current | Box(0, 255, (V, V, 3), uint8)  | what the agent sees now               |
 
 ``obs="features"``: ``target`` and ``current`` are (D,) float32 embeddings from the feature
-space, plus ``nav`` (M,) float32: see :mod:`maprl.navcore` for its layout.
+space, plus ``nav`` (M,) float32: see :mod:`maprl.nav.core` for its layout.
 
 ## Action space
 ``Box(-1, 1, (2,), float32)``: (ax, ay). The view centre moves to
-``(x + ax * s, y + ay * s)`` with ``s = action_step * min(map width, map height)`` pixels,
-then is clipped to the map. A move whose view would touch nodata is not taken.
+``(x + ax * s, y + ay * s)`` with ``s = env.action_step * min(map width, map height)`` pixels,
+then is clipped to the map. A move whose new view would hold more than ``env.max_nodata`` of
+pixels without imagery is not taken (the agent stays; ``info["blocked"]``). A NaN action or one
+of another shape is an error.
 
 ## Reward
-With ``sim`` the cosine similarity of the current and target views in the feature space:
-
-    bonus  = bonus_scale * max(0, sim - bonus_threshold) / (1 - bonus_threshold)
-    reward = sim + bonus + success_bonus * [sim >= success_threshold] - step_penalty
-             + shaping * (distance_before - distance_after) / s
-
-Defaults: bonus_threshold 0.90, bonus_scale 10, success_threshold 0.98, success_bonus 100,
-step_penalty 0.01 and shaping 0 (the original design; training may turn on this
-potential-based distance shaping, which uses the simulator's ground truth).
+See :mod:`maprl.nav.reward`, the one place it is defined: the original design's similarity +
+bonus + success bonus - step penalty, plus optional potential-based distance shaping (training
+only). With ``sim`` the cosine similarity of the two views in the feature space and the default
+configuration (stop threshold 0.98, bonus band 0.08, scale 10, success bonus 100, step penalty
+0.01, shaping 0) it is exactly the original design's reward.
 
 ## Episode end
-Terminated when ``sim >= success_threshold`` (the agent's own stop rule); truncated after
+Terminated when ``sim >= stop_threshold`` (the agent's own stop rule); truncated after
 ``max_episode_steps`` (default 1000, through ``TimeLimit``).
 
 ## Info
 ``position`` and ``target`` (x, y pixels), ``target_id``, ``similarity``, ``distance_px``,
-``distance_m`` (NaN on a pixel-grid map), ``stopped`` (own similarity passed the
-threshold), ``is_success`` (ground truth: the view centre lies within ``success_radius``
-of the target), ``steps``, ``path_length_px``, ``start_distance_px`` and ``blocked``.
+``distance_m`` (ground metres, also on a map in degrees; NaN on a plain pixel grid),
+``stopped`` (own similarity passed the threshold), ``is_success`` (ground truth: the view
+centre lies within ``success_radius`` of the target), ``steps``, ``path_length_px``,
+``start_distance_px`` and ``blocked``.
 
 ## Randomness
 Only ``self.np_random``: the same ``reset(seed=...)`` and actions give the same rollout.
 ``reset(options={"target_id": i, "start": (x, y), "decoy": (x, y)})`` fixes an episode (see
-:mod:`maprl.navcore` for decoys; with ``decoy_rate`` > 0 one is drawn when none is given).
+:mod:`maprl.nav.core` for decoys; with ``decoy_rate`` > 0 one is drawn when none is given).
+A ``decoy`` of two NaNs means none. An unknown ``target_id``, or a ``start``/``decoy`` that is
+not two finite numbers on the map, raises a ``ValueError`` that says what is allowed.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ import numpy as np
 import pandas as pd
 from gymnasium import spaces
 
-from maprl.geo import MapData, read_map
-from maprl.memory import MapMemory
-from maprl.navcore import NavConfig, NavCore, draw_decoy, seed_reward
-from maprl.plotting import render_episode
-from maprl.scene import Scene
+from maprl.data.geo import MapData, read_map
+from maprl.features.memory import MapMemory
+from maprl.nav.core import NavConfig, NavCore, draw_decoy
+from maprl.nav.reward import seed_reward
+from maprl.nav.scene import Scene
+from maprl.viz.plots import render_episode
 
 
 def default_scene(view_size: int = 224, size: int = 512, seed: int = 0) -> Scene:
@@ -70,8 +72,8 @@ def default_scene(view_size: int = 224, size: int = 512, seed: int = 0) -> Scene
     from rasterio.transform import from_origin
 
     from maprl.config import TileParams
-    from maprl.tiling import build_targets
-    from maprl.world import synthesize_world
+    from maprl.data.tile import build_targets
+    from maprl.data.world import synthesize_world
 
     world = synthesize_world(size, seed)
     m = MapData(world.rgb, world.elevation, np.ones((size, size), bool), from_origin(0, size, 1, 1), None)
@@ -80,8 +82,12 @@ def default_scene(view_size: int = 224, size: int = 512, seed: int = 0) -> Scene
 
 
 def feature_obs_space(dim: int, nav_dim: int) -> spaces.Dict:
+    """``target`` and ``current`` embeddings, plus ``nav`` when ``nav_dim`` > 0."""
     emb = spaces.Box(-1.0, 1.0, (dim,), np.float32)
-    return spaces.Dict({"target": emb, "current": emb, "nav": spaces.Box(-np.inf, np.inf, (nav_dim,), np.float32)})
+    keys: dict[str, spaces.Space[Any]] = {"target": emb, "current": emb}
+    if nav_dim:
+        keys["nav"] = spaces.Box(-np.inf, np.inf, (nav_dim,), np.float32)
+    return spaces.Dict(keys)
 
 
 class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
@@ -100,15 +106,18 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         config: NavConfig | None = None,
         memory: MapMemory | None = None,
         render_mode: str | None = None,
-        **reward_kw: Any,
+        **config_kw: Any,
     ) -> None:
-        self.scene = scene if scene is not None else self._load_scene(map_path, targets_path, view_size, similarity)
+        if config is None:  # keywords such as action_step=0.1 or stop_threshold=0.9 (NavConfig.of)
+            config = NavConfig.of(**{"max_steps": None, **config_kw})
+        elif config_kw:
+            raise TypeError(f"give either config or NavConfig keywords, not both ({', '.join(config_kw)})")
+        self.cfg = config
+        if scene is None:
+            scene = self._load_scene(map_path, targets_path, view_size, similarity, config.env.max_nodata)
+        self.scene = scene
         self.view_size = self.scene.view_size
         self.rows = self.scene.split_rows(split)
-        if config is None:
-            reward_kw.setdefault("stop_threshold", reward_kw.pop("success_threshold", 0.98))
-            config = NavConfig(max_steps=None, **reward_kw)
-        self.cfg = config
         self.core = NavCore(self.scene, 1, config, memory)
         self.obs_mode = obs
         self.render_mode = render_mode
@@ -124,14 +133,14 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._path: list[tuple[float, float]] = []
 
     @staticmethod
-    def _load_scene(map_path: Any, targets_path: Any, view_size: int, similarity: str) -> Scene:
+    def _load_scene(map_path: Any, targets_path: Any, view_size: int, similarity: str, max_nodata: float) -> Scene:
         if map_path is None:
             return default_scene(view_size)
-        from maprl.tiling import read_targets
+        from maprl.data.tile import read_targets
 
         m = read_map(map_path)
         targets = read_targets(targets_path) if targets_path is not None else pd.DataFrame()
-        return Scene.build(m, targets, view_size, similarity)
+        return Scene.build(m, targets, view_size, similarity, max_nodata)
 
     def reward(self, sim: float) -> tuple[float, bool]:
         """The original design's reward for similarity ``sim`` and whether it is a success."""
@@ -145,29 +154,63 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         t = self.core.targets_xy[row]
         return {"target": self.scene.view(t[0], t[1]), "current": self.scene.view(*self.core.pos[0])}
 
+    def _row(self, target_id: Any) -> int:
+        ids = self.scene.targets["id"].to_numpy()
+        hit = np.flatnonzero(ids == target_id) if np.ndim(target_id) == 0 else np.array([], int)
+        if len(hit) == 0:
+            raise ValueError(
+                f"options['target_id']={target_id!r} is not a target of this map; ids run {ids.min()}..{ids.max()}"
+            )
+        return int(hit[0])
+
+    def _point(self, key: str, value: Any) -> np.ndarray:
+        """An (x, y) option as a float array, checked: two finite numbers whose view centre is on the map."""
+        try:
+            xy = np.asarray(value, float)
+        except (TypeError, ValueError):
+            xy = np.array([])
+        if xy.shape != (2,) or not np.isfinite(xy).all():
+            raise ValueError(f"options[{key!r}] must be two finite numbers (x, y) in pixels, got {value!r}")
+        s = self.scene
+        if not (s.lo <= xy[0] <= s.hi_x and s.lo <= xy[1] <= s.hi_y):
+            raise ValueError(
+                f"options[{key!r}]={tuple(xy)} puts the view off the map; x must lie in [{s.lo}, {s.hi_x}] "
+                f"and y in [{s.lo}, {s.hi_y}]"
+            )
+        return xy
+
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
         options = options or {}
         if "target_id" in options:
-            row = int(np.flatnonzero(self.scene.targets["id"].to_numpy() == options["target_id"])[0])
+            row = self._row(options["target_id"])
         else:
             row = int(self.rows[self.np_random.integers(len(self.rows))])
-        start = options.get("start") or self.scene.sample_start(self.np_random)
-        decoy = options.get("decoy")
-        if decoy is None:
+        if options.get("start") is not None:
+            start = self._point("start", options["start"])
+        else:
+            start = np.array(self.scene.sample_start(self.np_random), float)
+        if options.get("decoy") is not None and np.isnan(np.asarray(options["decoy"], float)).all():
+            decoy = np.full(2, np.nan)  # NaNs: explicitly no decoy
+        elif options.get("decoy") is not None:
+            decoy = self._point("decoy", options["decoy"])
+        else:
             decoy = draw_decoy(self.scene, self.core.cfg, self.core.targets_xy[row], self.np_random)
-        self.core.reset_agents(np.array([0]), np.array([row]), np.array([start], float), np.array([decoy], float))
+        self.core.reset_agents(np.array([0]), np.array([row]), start[None], np.asarray(decoy, float)[None])
         self._path = [tuple(self.core.pos[0])]
         return self._obs(), {**self.core.info(0), "blocked": False}
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        a = np.asarray(action, float)
+        if a.shape != (2,) or not np.isfinite(a).all():
+            raise ValueError(f"action must be two finite numbers in [-1, 1] (shape (2,)), got {action!r}")
         old = self.core.pos[0].copy()
-        reward, terminated, truncated = self.core.step(np.asarray(action)[None])
+        reward, terminated, truncated = self.core.step(a[None])
         moved = not np.allclose(self.core.pos[0], old)
         self._path.append(tuple(self.core.pos[0]))
-        blocked = not moved and bool(np.any(np.asarray(action) != 0))
+        blocked = not moved and bool(np.any(a != 0))
         info = {**self.core.info(0), "blocked": blocked}
         return self._obs(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
 

@@ -19,6 +19,7 @@ RUNNING trials left by a dead process *of this host* are failed and re-queued th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -41,13 +42,12 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import BaseTrial, FrozenTrial, TrialState
 from stable_baselines3.common.callbacks import BaseCallback
 
-from maprl.config import Params
+from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params
 from maprl.errors import InputError, ParamsError
-from maprl.geo import atomic_path, write_json
-from maprl.runtime import Runtime
-from maprl.training import HPARAM_KEYS
+from maprl.io import atomic_path, write_json
+from maprl.learn.training import build_model, make_train_env, resolve_hparams
+from maprl.nav.runtime import Runtime, load_runtime
 
-INT_KEYS = ("n_steps", "batch_size", "n_epochs")
 POW2_KEYS = ("n_steps", "batch_size")  # a low/high range is sampled as the exponent, trial param ``log2_<name>``
 ALIASES = {"one_minus_gamma": "gamma"}  # trial param -> hyperparameter (gamma = 1 - x)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards tune.n_trials
@@ -298,7 +298,7 @@ def space_distributions(space: dict[str, dict[str, Any]]) -> dict[str, BaseDistr
             dists[name] = CategoricalDistribution(tuple(spec["choices"]))
         elif name in POW2_KEYS:
             dists[f"log2_{name}"] = IntDistribution(int(low).bit_length() - 1, int(high).bit_length() - 1)
-        elif name in INT_KEYS:
+        elif name in INT_HPARAMS:
             dists[name] = IntDistribution(int(low), int(high), log=log, step=int(step or 1))
         else:
             dists[name] = FloatDistribution(
@@ -308,24 +308,24 @@ def space_distributions(space: dict[str, dict[str, Any]]) -> dict[str, BaseDistr
 
 
 def hparams_from_params(trial_params: dict[str, Any]) -> dict[str, Any]:
-    """Trial parameters (``log2_n_steps``, ``one_minus_gamma``, ...) -> ``training.HPARAM_KEYS`` values."""
+    """Trial parameters (``log2_n_steps``, ``one_minus_gamma``, ...) -> ``config.HPARAM_KEYS`` values."""
     out: dict[str, Any] = {}
     for name, value in trial_params.items():
         if name.startswith("log2_") and name[5:] in POW2_KEYS:
             out[name[5:]] = 2 ** int(value)
         elif name in ALIASES:
             out[ALIASES[name]] = 1.0 - float(value)
-        elif name in INT_KEYS:
+        elif name in INT_HPARAMS:
             out[name] = int(value)
         elif name in HPARAM_KEYS:
             out[name] = float(value)
         else:
-            raise ValueError(f"trial parameter {name!r} is not a hyperparameter of training.HPARAM_KEYS")
+            raise ValueError(f"trial parameter {name!r} is not a hyperparameter of config.HPARAM_KEYS")
     return {k: out[k] for k in HPARAM_KEYS if k in out}
 
 
 def suggest_hparams(trial: BaseTrial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Suggest every parameter of ``space``; return them as ``training.HPARAM_KEYS`` values."""
+    """Suggest every parameter of ``space``; return them as ``config.HPARAM_KEYS`` values."""
     values: dict[str, Any] = {}
     for name, dist in space_distributions(space).items():
         if isinstance(dist, CategoricalDistribution):
@@ -371,9 +371,8 @@ def _train_and_score(trial: optuna.Trial, params: Params, rt: Runtime, hparams: 
     import torch
     from stable_baselines3.common.vec_env import VecMonitor
 
-    from maprl.evaluation import evaluate_model
-    from maprl.runtime import nav_config
-    from maprl.training import build_model, make_train_env
+    from maprl.eval.evaluate import evaluate_model
+    from maprl.nav.runtime import nav_config
 
     t, seed = params.tune, params.base.seed
     torch.set_num_threads(params.train.torch_threads)
@@ -382,7 +381,8 @@ def _train_and_score(trial: optuna.Trial, params: Params, rt: Runtime, hparams: 
     def score(model: Any) -> Any:
         return evaluate_model(model, rt, cfg, "val", t.eval_episodes, seed)[t.objective]
 
-    venv = VecMonitor(make_train_env(params, rt, "train", t.n_envs or params.train.n_envs, seed))
+    gamma = float(resolve_hparams(params.train, hparams)["gamma"])
+    venv = VecMonitor(make_train_env(params, rt, "train", t.n_envs or params.train.n_envs, seed, gamma))
     try:
         model = build_model(params.train, venv, seed, hparams)
         every = max(1, t.timesteps // t.n_evaluations)
@@ -422,8 +422,32 @@ def study_settings(params: Params, rt: Runtime | None = None) -> dict[str, Any]:
         "view_size": params.tile.view_size,
     }
     if rt is not None:
-        settings["data"] = {"map": [rt.scene.map.height, rt.scene.map.width], "targets": len(rt.scene.targets)}
+        settings["data"] = data_fingerprint(rt)
     return json.loads(json.dumps(settings))
+
+
+def data_fingerprint(rt: Runtime) -> dict[str, Any]:
+    """Content hashes of what a trial sees: map pixels, targets and splits, feature cache, stop threshold."""
+    sc = rt.scene
+
+    def digest(*arrays: np.ndarray) -> str:
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    feats = rt.memory.embeddings if rt.memory is not None else np.zeros(0)
+    return {
+        "map": digest(sc.map.rgb, sc.map.valid),
+        "targets": digest(sc.targets_xy, sc.targets["split"].to_numpy().astype(str)),
+        "features": digest(feats),
+        "stop_threshold": round(float(rt.stop_threshold), 6),
+    }
+
+
+def study_key(settings: dict[str, Any]) -> str:
+    """A short hash of the study settings: studies made with other data or settings get other names."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _check_settings(study: Study, settings: dict[str, Any], where: str) -> None:
@@ -470,8 +494,10 @@ def study_for(
     pruner = optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials, n_warmup_steps=t.pruner_warmup_steps)
     url = storage or t.storage
     sampler = make_sampler(t.sampler, seed, t.n_trials)
-    study = open_study(storage_for(params, url), study_name or t.study_name, sampler, pruner)
-    _check_settings(study, study_settings(params, rt), redact(url))
+    settings = study_settings(params, rt)
+    name = f"{study_name or t.study_name}-{study_key(settings)}"
+    study = open_study(storage_for(params, url), name, sampler, pruner)
+    _check_settings(study, settings, redact(url))
     return study
 
 
@@ -569,19 +595,33 @@ def optimize_study(
 def run_tune(
     params: Params,
     rt: Runtime,
-    out_dir: str | Path = "data/tune",
-    best_path: str | Path = "models/best_hparams.yaml",
-    metrics_path: str | Path = "metrics/tune.json",
+    out_dir: str | Path,
+    best_path: str | Path,
+    metrics_path: str | Path,
 ) -> dict[str, Any]:
     """Run or resume the study up to ``tune.n_trials`` finished trials; write best hparams, metrics, CSV, plot."""
     t = params.tune
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = study_for(params, rt, params.base.seed)
-    print(f"study {t.study_name!r} in {redact(t.storage)}: {count_finished(study)}/{t.n_trials} trials finished")
+    print(f"study {study.study_name!r} in {redact(t.storage)}: {count_finished(study)}/{t.n_trials} trials finished")
     optimize_study(
         study, lambda trial: objective(trial, params, rt), t.n_trials, reap=is_journal(t.storage), max_retry=t.max_retry
     )
     return write_results(study, params, out_dir, best_path, metrics_path)
+
+
+def run_tune_stage(
+    params: Params,
+    map_path: str | Path,
+    targets_path: str | Path,
+    features_dir: str | Path,
+    out_dir: str | Path,
+    best_path: str | Path,
+    metrics_path: str | Path,
+) -> dict[str, Any]:
+    """The tune stage: load the map, targets and features, then :func:`run_tune`."""
+    rt = load_runtime(params, map_path, targets_path, features_dir)
+    return run_tune(params, rt, out_dir, best_path, metrics_path)
 
 
 def run_worker(
@@ -607,7 +647,7 @@ def run_worker(
 
 # -- outputs ---------------------------------------------------------------------------------------
 def best_hparams(study: Study) -> tuple[FrozenTrial | None, dict[str, Any]]:
-    """The best COMPLETE trial and its hyperparameters in ``training.HPARAM_KEYS`` names (None, {} if none)."""
+    """The best COMPLETE trial and its hyperparameters in ``config.HPARAM_KEYS`` names (None, {} if none)."""
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None, {}
     best = study.best_trial
@@ -621,37 +661,6 @@ def write_best_hparams(path: str | Path, hparams: dict[str, Any], header: Sequen
     text = "".join(f"# {line}\n" for line in header) + body
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def load_best_hparams(path: str | Path = "models/best_hparams.yaml") -> dict[str, Any]:
-    """The tuned hyperparameters for ``train.hparams: tuned``; keys missing keep their ``train`` value."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(
-            f"{path} does not exist, and train.hparams is tuned: run `dvc repro tune` first, "
-            "or set train.hparams: params to train with the train.* values"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InputError(f"{path} is not valid YAML: {err}") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise InputError(f"{path} must be a mapping of hyperparameters, got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in set(raw) - set(HPARAM_KEYS))
-    if unknown:
-        raise InputError(f"{path}: unknown hyperparameter(s) {', '.join(unknown)}; allowed: {', '.join(HPARAM_KEYS)}")
-    return {k: _hparam_value(path, k, raw[k]) for k in HPARAM_KEYS if k in raw}
-
-
-def _hparam_value(path: Path, key: str, value: Any) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(f"{path}: {key} must be a finite number, got {value!r}")
-    if key in INT_KEYS:
-        if value != int(value) or value < 1:
-            raise InputError(f"{path}: {key} must be a positive integer, got {value!r}")
-        return int(value)
-    return float(value)
 
 
 def tune_metrics(study: Study, params: Params) -> dict[str, Any]:

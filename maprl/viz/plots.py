@@ -185,7 +185,7 @@ def episode_frames(
 ) -> list[np.ndarray]:
     """GIF frames of one episode: the map with the path so far (yellow), the current view (cyan)
     and the target (red); on the right the current view (cyan frame) above the target photo (red)."""
-    from maprl.features import crop_views
+    from maprl.views import crop_views
 
     small, s = downscale(rgb, max_side)
     path = np.asarray(path, float).reshape(-1, 2)

@@ -16,10 +16,10 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, VecEnvStepReturn
 
-from maprl.env import feature_obs_space
-from maprl.memory import MapMemory
-from maprl.navcore import NavConfig, NavCore, draw_decoy
-from maprl.scene import Scene
+from maprl.features.memory import MapMemory
+from maprl.nav.core import NavConfig, NavCore, draw_decoy
+from maprl.nav.env import feature_obs_space
+from maprl.nav.scene import Scene
 
 
 class NavVecEnv(VecEnv):
@@ -87,28 +87,39 @@ class NavVecEnv(VecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         reward, terminated, truncated = self.core.step(self._actions)
         done = terminated | truncated
-        obs = self.core.observe()
+        finished = np.flatnonzero(done)
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        for i in np.flatnonzero(done):
-            infos[i] = self.core.info(int(i))
-            infos[i]["terminal_observation"] = {k: v[i].copy() for k, v in obs.items()}
-            infos[i]["TimeLimit.truncated"] = bool(truncated[i])
-        if done.any():
-            self._reset_idx(np.flatnonzero(done))
-            obs = self.core.observe()
-        return obs, reward.astype(np.float32), done, infos
+        if len(finished):  # info dicts and terminal observations only where an episode ended
+            terminal = self.core.observe(finished)
+            for j, i in enumerate(finished):
+                infos[i] = self.core.info(int(i))
+                infos[i]["terminal_observation"] = {k: v[j] for k, v in terminal.items()}
+                infos[i]["TimeLimit.truncated"] = bool(truncated[i])
+            self._reset_idx(finished)
+        return self.core.observe(), reward.astype(np.float32), done, infos
 
     def close(self) -> None:
         return None
 
+    # One object steps every agent, so attributes and methods belong to all of them at once:
+    # ``get_attr`` reads once, ``set_attr`` writes once and ``env_method`` calls once, and each
+    # answers with one entry per requested index, as SB3 expects.
     def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        return [getattr(self, attr_name) for _ in self._get_indices(indices)]
+        value = getattr(self, attr_name)
+        return [value for _ in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+        if len(list(self._get_indices(indices))) not in (0, self.num_envs):
+            raise ValueError(
+                f"NavVecEnv.set_attr({attr_name!r}) sets an attribute shared by all {self.num_envs} agents; "
+                "it cannot be set for some indices only"
+            )
         setattr(self, attr_name, value)
 
     def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
-        return [getattr(self, method_name)(*args, **kwargs) for _ in self._get_indices(indices)]
+        n = len(list(self._get_indices(indices)))
+        result = getattr(self, method_name)(*args, **kwargs) if n else None
+        return [result] * n
 
     def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]

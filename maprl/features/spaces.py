@@ -19,6 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
+from maprl.views import crop_views, integral_image, unit, view_origin
+
 
 class FeatureSpace(Protocol):
     """What the environment needs from a feature space."""
@@ -36,33 +38,6 @@ class FeatureSpace(Protocol):
         ...
 
 
-def view_origin(x: np.ndarray | float, y: np.ndarray | float, view_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integer top-left corner of the view centred at (x, y)."""
-    half = view_size / 2.0
-    return (
-        np.floor(np.asarray(x, float) - half + 0.5).astype(np.int64),
-        np.floor(np.asarray(y, float) - half + 0.5).astype(np.int64),
-    )
-
-
-def crop_views(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray, view_size: int) -> np.ndarray:
-    """Cut (N, V, V, 3) views centred at (xs, ys); centres must keep the window inside the map."""
-    x0, y0 = view_origin(np.atleast_1d(xs), np.atleast_1d(ys), view_size)
-    return np.stack([rgb[b : b + view_size, a : a + view_size] for a, b in zip(x0, y0, strict=True)])
-
-
-def unit(v: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(v, axis=-1, keepdims=True)
-    return (v / np.maximum(norm, 1e-8)).astype(np.float32)
-
-
-def integral_image(img: np.ndarray) -> np.ndarray:
-    """Summed-area table with a zero first row and column: (H+1, W+1, C) float64."""
-    out = np.zeros((img.shape[0] + 1, img.shape[1] + 1, *img.shape[2:]), np.float64)
-    np.cumsum(np.cumsum(img, axis=0, dtype=np.float64), axis=1, out=out[1:, 1:])
-    return out
-
-
 class PooledFeatures:
     """Average-pooled ``grid x grid x 3`` descriptor, mean-centred and normalised."""
 
@@ -76,18 +51,21 @@ class PooledFeatures:
         self._sat = integral_image(rgb.astype(np.float32))
 
     def _describe(self, sat: np.ndarray, x0: np.ndarray, y0: np.ndarray) -> np.ndarray:
-        e = self._edges
-        r0, r1 = y0[:, None] + e[None, :-1], y0[:, None] + e[None, 1:]
-        c0, c1 = x0[:, None] + e[None, :-1], x0[:, None] + e[None, 1:]
-        R0, R1 = r0[:, :, None], r1[:, :, None]
-        C0, C1 = c0[:, None, :], c1[:, None, :]
+        """Descriptors of the views with top-left corners (x0, y0): one gather of the (grid+1)^2
+        cell corners per view from the summed-area table, then box sums by differences."""
+        e, n = self._edges, len(x0)
+        rows = y0[:, None, None] + e[None, :, None]  # (n, g+1, 1)
+        cols = x0[:, None, None] + e[None, None, :]  # (n, 1, g+1)
         if sat.ndim == 4:  # one table per view
-            n = np.arange(len(x0))[:, None, None]
-            sums = sat[n, R1, C1] - sat[n, R0, C1] - sat[n, R1, C0] + sat[n, R0, C0]
+            h, w = sat.shape[1:3]
+            flat = (np.arange(n)[:, None, None] * h + rows) * w + cols
         else:
-            sums = sat[R1, C1] - sat[R0, C1] - sat[R1, C0] + sat[R0, C0]
-        area = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :])[..., None]
-        desc = (sums / area).reshape(len(x0), -1)
+            flat = rows * sat.shape[1] + cols
+        table = sat.reshape(-1, sat.shape[-1])
+        corners = np.take(table, flat.ravel(), axis=0).reshape(n, len(e), len(e), -1)  # (n, g+1, g+1, C)
+        sums = corners[:, 1:, 1:] - corners[:, :-1, 1:] - corners[:, 1:, :-1] + corners[:, :-1, :-1]
+        side = np.diff(e)
+        desc = (sums / (side[:, None] * side[None, :])[None, :, :, None]).reshape(n, -1)
         return unit(desc - desc.mean(axis=1, keepdims=True))
 
     def embed_at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -130,40 +108,3 @@ def make_feature_space(name: str, rgb: np.ndarray, view_size: int) -> FeatureSpa
     if name == "pixels":
         return PixelFeatures(rgb, view_size)
     raise ValueError(f"unknown feature space {name!r}; choose pooled or pixels")
-
-
-def valid_centres(valid: np.ndarray, view_size: int) -> np.ndarray:
-    """(H, W) bool: True where a view centred on that pixel lies wholly on valid imagery."""
-    h, w = valid.shape
-    v = view_size
-    out = np.zeros((h, w), bool)
-    if v > h or v > w:
-        return out
-    sat = integral_image((~valid).astype(np.float32)[..., None])[..., 0]
-    bad = sat[v:, v:] - sat[:-v, v:] - sat[v:, :-v] + sat[:-v, :-v]  # per top-left corner
-    half = v // 2  # an integer centre x has its window starting at x - v // 2
-    out[half : half + bad.shape[0], half : half + bad.shape[1]] = bad < 0.5
-    return out
-
-
-def lookalike_rate(
-    space: FeatureSpace, centres: np.ndarray, rng: np.random.Generator, n_pairs: int = 2000, threshold: float = 0.9
-) -> dict[str, float]:
-    """How often two places more than one view apart look alike in ``space``.
-
-    ``centres`` is an (M, 2) array of valid (x, y) centres. Returns the share of far pairs
-    whose similarity is at least ``threshold`` and the 99th percentile of far-pair similarity.
-    """
-    i = rng.integers(0, len(centres), size=(n_pairs * 4, 2))
-    d = np.linalg.norm(centres[i[:, 0]] - centres[i[:, 1]], axis=1)
-    i = i[d > space.view_size][:n_pairs]
-    a = space.embed_at(centres[i[:, 0], 0], centres[i[:, 0], 1])
-    b = space.embed_at(centres[i[:, 1], 0], centres[i[:, 1], 1])
-    sims = np.sum(a * b, axis=1)
-    return {
-        "n_pairs": len(sims),
-        "threshold": threshold,
-        "lookalike_rate": float(np.mean(sims >= threshold)),
-        "far_pair_similarity_p99": float(np.percentile(sims, 99)),
-        "far_pair_similarity_mean": float(np.mean(sims)),
-    }

@@ -1,4 +1,4 @@
-"""Geo I/O: the map GeoTIFF, its JSON sidecar, coordinate transforms and atomic writes.
+"""Geo I/O: the map GeoTIFF, its JSON sidecar, and coordinate transforms.
 
 The map on disk is a 4-band float32 GeoTIFF: bands 1-3 are red, green and blue in the
 0-255 display range, band 4 is elevation in metres. ``NODATA`` marks pixels with no
@@ -7,11 +7,6 @@ imagery; later stages never sample a view that touches one.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +19,7 @@ from rasterio.transform import Affine
 from rasterio.warp import transform as warp_transform
 
 from maprl.errors import InputError
+from maprl.io import atomic_path
 
 NODATA = -9999.0
 BAND_NAMES = ("red", "green", "blue", "elevation")
@@ -48,8 +44,33 @@ class MapData:
         return int(self.rgb.shape[1])
 
     @property
+    def metres_per_pixel_xy(self) -> tuple[float, float]:
+        """Ground metres of one pixel step along x and along y, at the map centre.
+
+        A projected CRS gives its units (metres); a geographic CRS (degrees, e.g. EPSG:4326) is
+        measured in the local UTM zone; a plain pixel grid (no CRS) gives NaN.
+        """
+        if self.crs is None:
+            return float("nan"), float("nan")
+        t = self.transform
+        if not self.crs.is_geographic:
+            return float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
+        cx, cy = self.width / 2, self.height / 2
+        lon, lat = self.pixel_to_lonlat(np.array([cx, cx + 1, cx]), np.array([cy, cy, cy + 1]))
+        xs, ys = warp_transform("EPSG:4326", utm_crs(float(lat[0]), float(lon[0])), lon.tolist(), lat.tolist())
+        return float(np.hypot(xs[1] - xs[0], ys[1] - ys[0])), float(np.hypot(xs[2] - xs[0], ys[2] - ys[0]))
+
+    @property
     def metres_per_pixel(self) -> float:
-        return float(abs(self.transform.a))
+        """Mean ground metres per pixel (see :attr:`metres_per_pixel_xy`)."""
+        mx, my = self.metres_per_pixel_xy
+        return (mx + my) / 2
+
+    def distance_m(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Ground distance in metres between pixel positions ``a`` and ``b`` (..., 2); NaN without a CRS."""
+        mx, my = self.metres_per_pixel_xy
+        d = np.asarray(a, float) - np.asarray(b, float)
+        return np.hypot(d[..., 0] * mx, d[..., 1] * my)
 
     def pixel_to_lonlat(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel centres (column x, row y, fractional allowed) to lon/lat degrees."""
@@ -71,29 +92,6 @@ def utm_crs(lat: float, lon: float) -> CRS:
 def lonlat_to_crs(crs: CRS, lon: float, lat: float) -> tuple[float, float]:
     xs, ys = warp_transform("EPSG:4326", crs, [lon], [lat])
     return float(xs[0]), float(ys[0])
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    tmp_path.chmod(0o644)  # mkstemp makes 0600; outputs should be readable like any other file
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_map(

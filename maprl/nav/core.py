@@ -27,41 +27,62 @@ where the agent has been that such a search needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from maprl.memory import MapMemory
-from maprl.scene import Scene
+from maprl.config import AgentParams, EnvParams
+from maprl.features.memory import MapMemory
+from maprl.nav.reward import reward as step_reward
+from maprl.nav.scene import Scene
 
 
 @dataclass(frozen=True)
 class NavConfig:
-    """Dynamics, reward and observation options (see the env docstring for the reward)."""
+    """Dynamics, reward and observation: ``env`` and ``agent`` as in params.yaml, plus what a stage sets.
 
-    action_step: float = 0.05
-    max_steps: int | None = 1000  # None: no truncation here (a TimeLimit wrapper does it)
-    stop_threshold: float = 0.98  # own-similarity stop rule (the seed's success_threshold)
-    bonus_threshold: float = 0.90
-    bonus_scale: float = 10.0
-    success_bonus: float = 100.0
-    step_penalty: float = 0.01
-    shaping: float = 0.0  # weight of potential-based shaping: (d_before - d_after) / step_px
+    ``stop_threshold`` is the own-similarity stop rule (calibrated by the encode stage; the
+    Gymnasium env's default 0.98 is the original design's ``success_threshold``). ``max_steps``
+    None leaves truncation to a ``TimeLimit`` wrapper. ``gamma`` is the learner's discount, used
+    by the potential-based ``shaping`` (see :mod:`maprl.nav.reward`).
+    """
+
+    env: EnvParams = field(default_factory=EnvParams)
+    agent: AgentParams = field(default_factory=lambda: AgentParams(memory="none"))
+    stop_threshold: float = 0.98
     success_radius: float = 56.0  # ground-truth success radius, pixels
-    memory: str = "none"  # none | retrieval
-    n_candidates: int = 3
-    include_position: bool = True
-    include_prev_action: bool = True
+    max_steps: int | None = 1000
+    shaping: float = 0.0
+    gamma: float = 0.99
     decoy_rate: float = 0.0  # share of episodes whose top retrieval candidate is a decoy
 
+    @classmethod
+    def of(cls, **kw: Any) -> NavConfig:
+        """Build from flat keywords: ``env`` and ``agent`` fields by name, the rest as they are.
+
+        ``NavConfig.of(action_step=0.1, memory="retrieval", max_steps=40)``; an unknown key is an error.
+        """
+        env = {k: kw.pop(k) for k in list(kw) if k in EnvParams.model_fields}
+        agent = {k: kw.pop(k) for k in list(kw) if k in AgentParams.model_fields}
+        return cls(env=EnvParams(**env), agent=AgentParams(**{"memory": "none", **agent}), **kw)
+
+    @property
+    def retrieval(self) -> bool:
+        return self.agent.memory == "retrieval"
+
     def nav_dim(self) -> int:
-        base = 2 * self.include_position + 2 * self.include_prev_action + 1
-        return base + (8 * self.n_candidates + 1 if self.memory == "retrieval" else 0)
+        """Length of the ``nav`` observation (0 when the policy sees the two views only)."""
+        a = self.agent
+        if not a.nav:
+            return 0
+        base = 2 * a.include_position + 2 * a.include_prev_action + 1
+        return base + (8 * a.n_candidates + 1 if self.retrieval else 0)
 
     @property
     def decoys(self) -> bool:
         """Whether episodes draw decoys (only the map memory has candidates to corrupt)."""
-        return self.memory == "retrieval" and self.decoy_rate > 0
+        return self.retrieval and self.decoy_rate > 0
 
 
 DECOY_DISTANCE_RADII = 4.0  # a decoy lies at least this many success radii from the target
@@ -74,24 +95,17 @@ def draw_decoy(scene: Scene, cfg: NavConfig, target_xy: np.ndarray, rng: np.rand
     return np.array(scene.sample_far(rng, target_xy, DECOY_DISTANCE_RADII * cfg.success_radius), float)
 
 
-def seed_reward(sim: np.ndarray, cfg: NavConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The original design's reward and its success flag, for an array of similarities."""
-    success = sim >= cfg.stop_threshold
-    bonus = cfg.bonus_scale * np.maximum(0.0, sim - cfg.bonus_threshold) / (1.0 - cfg.bonus_threshold)
-    return sim + bonus + np.where(success, cfg.success_bonus, 0.0) - cfg.step_penalty, success
-
-
 class NavCore:
     def __init__(self, scene: Scene, n: int, cfg: NavConfig, memory: MapMemory | None = None) -> None:
-        if cfg.memory == "retrieval" and memory is None:
+        if cfg.retrieval and memory is None:
             raise ValueError("memory: retrieval needs a MapMemory")
         self.scene, self.n, self.cfg = scene, n, cfg
-        self.step_px = cfg.action_step * scene.step_scale
+        self.step_px = cfg.env.action_step * scene.step_scale
         self.target_embs = scene.target_embeddings()
-        self.targets_xy = scene.targets[["x", "y"]].to_numpy(float)
-        if cfg.memory == "retrieval" and memory is not None:
-            self.cands, self.cand_sims = memory.query(self.target_embs, cfg.n_candidates)
-        k = cfg.n_candidates
+        self.targets_xy = scene.targets_xy
+        if cfg.retrieval and memory is not None:
+            self.cands, self.cand_sims = memory.query(self.target_embs, cfg.agent.n_candidates)
+        k = cfg.agent.n_candidates
         self.ep_cands = np.zeros((n, k, 2))  # this episode's candidates (decoy first, if any)
         self.visited = np.zeros((n, k), bool)
         self.centre = np.array([scene.map.width, scene.map.height], float) / 2
@@ -127,7 +141,7 @@ class NavCore:
         self.prev_action[idx] = 0
         self.path_len[idx] = 0
         self.start_dist[idx] = self.distance(idx)
-        if self.cfg.memory == "retrieval":
+        if self.cfg.retrieval:
             self._set_candidates(idx, rows, decoys)
         self._embed(idx)
 
@@ -158,56 +172,60 @@ class NavCore:
         self.path_len += np.hypot(*(self.pos - old).T)
         self.steps += 1
         self.prev_action = a.astype(np.float32)
-        if self.cfg.memory == "retrieval":
+        if self.cfg.retrieval:
             self._mark_visited(slice(None))
         self._embed(np.arange(self.n))
-        reward, terminated = seed_reward(self.sim.astype(np.float64), self.cfg)
-        if self.cfg.shaping:
-            reward = reward + self.cfg.shaping * (before - self.distance()) / self.step_px
+        reward, terminated = step_reward(self.sim.astype(np.float64), before, self.distance(), self.cfg, self.step_px)
         limit = self.cfg.max_steps
         truncated = (self.steps >= limit) & ~terminated if limit is not None else np.zeros(self.n, bool)
         return reward, terminated, truncated
 
     # -- observation ----------------------------------------------------------------------
-    def _nav(self) -> np.ndarray:
+    def _nav(self, idx: np.ndarray | slice) -> np.ndarray:
         half = self.centre
+        pos, rows = self.pos[idx], self.rows[idx]
+        n = len(pos)
         parts: list[np.ndarray] = []
-        if self.cfg.include_position:
-            parts.append((self.pos - half) / half)
-        if self.cfg.include_prev_action:
-            parts.append(self.prev_action)
-        parts.append(self.sim[:, None])
-        if self.cfg.memory == "retrieval":
-            cands = self.ep_cands  # (n, k, 2)
-            offset = cands - self.pos[:, None, :]
+        if self.cfg.agent.include_position:
+            parts.append((pos - half) / half)
+        if self.cfg.agent.include_prev_action:
+            parts.append(self.prev_action[idx])
+        parts.append(self.sim[idx, None])
+        if self.cfg.retrieval:
+            cands = self.ep_cands[idx]  # (n, k, 2)
+            offset = cands - pos[:, None, :]
+            top = self.cand_sims[rows]
             per = np.concatenate(
                 [
                     (cands - half) / half,
                     offset / half,
                     np.clip(offset / self.step_px, -2, 2),
-                    self.cand_sims[self.rows][..., None],
-                    self.visited[..., None],
+                    top[..., None],
+                    self.visited[idx, :, None],
                 ],
                 axis=2,
             )
-            parts.append(per.reshape(self.n, -1))
-            top = self.cand_sims[self.rows]
-            parts.append((top[:, :1] - top[:, 1:2]) if top.shape[1] > 1 else np.zeros((self.n, 1)))
+            parts.append(per.reshape(n, -1))
+            parts.append((top[:, :1] - top[:, 1:2]) if top.shape[1] > 1 else np.zeros((n, 1)))
         return np.concatenate(parts, axis=1).astype(np.float32)
 
-    def observe(self) -> dict[str, np.ndarray]:
-        return {"target": self.target_embs[self.rows].copy(), "current": self.cur_emb.copy(), "nav": self._nav()}
+    def observe(self, idx: np.ndarray | slice = slice(None)) -> dict[str, np.ndarray]:
+        """The feature observation of agents ``idx`` (new arrays, safe to keep)."""
+        obs = {"target": self.target_embs[self.rows[idx]], "current": self.cur_emb[idx].copy()}
+        if self.cfg.agent.nav:
+            obs["nav"] = self._nav(idx)
+        return obs
 
     def info(self, i: int) -> dict[str, object]:
         d = float(self.distance(np.array([i]))[0])
-        mpp = self.scene.map.metres_per_pixel if self.scene.map.crs is not None else float("nan")
+        t = self.targets_xy[self.rows[i]]
         return {
             "position": (float(self.pos[i, 0]), float(self.pos[i, 1])),
             "target": (float(self.targets_xy[self.rows[i], 0]), float(self.targets_xy[self.rows[i], 1])),
             "target_id": int(self.scene.targets["id"].iat[self.rows[i]]),
             "similarity": float(self.sim[i]),
             "distance_px": d,
-            "distance_m": d * mpp,
+            "distance_m": float(self.scene.map.distance_m(self.pos[i], t)),
             "stopped": bool(self.sim[i] >= self.cfg.stop_threshold),
             "is_success": bool(d <= self.cfg.success_radius),
             "steps": int(self.steps[i]),

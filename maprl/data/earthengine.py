@@ -38,7 +38,7 @@ from rasterio.transform import Affine
 
 from maprl.config import EarthEngineParams
 from maprl.errors import EarthEngineError
-from maprl.geo import NODATA, lonlat_to_crs, utm_crs, write_map
+from maprl.data.geo import NODATA, lonlat_to_crs, utm_crs, write_map
 
 BAND_IDS = ("red", "green", "blue", "elevation")
 S2_COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"

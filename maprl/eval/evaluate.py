@@ -1,0 +1,179 @@
+"""The ``evaluate`` stage: every trained agent and every baseline on the same fixed episodes.
+
+Writes ``episodes.csv``, ``methods.csv``, ``success_by_distance.csv``, ``trajectories.png``,
+``episode.gif`` and the metrics JSON (see :mod:`maprl.eval.metrics` for the columns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from maprl.config import AGENTS, EvaluateParams, Params, agent_variant
+from maprl.errors import InputError
+from maprl.eval.agents import AgentController, load_policy
+from maprl.eval.baselines import default_baselines
+from maprl.eval.episodes import (
+    evaluate_methods,
+    make_decoy_episodes,
+    make_episodes,
+    make_eval_env,
+    make_split_episodes,
+    run_episodes,
+)
+from maprl.eval.metrics import HEADLINE, distance_table, methods_table, metrics_dict, summarise
+from maprl.io import atomic_path, staged_dir, write_csv, write_json
+from maprl.nav.core import NavConfig
+from maprl.nav.runtime import Runtime, load_runtime, nav_config
+from maprl.nav.scene import Scene
+
+AGENT_ROWS = {"memory": HEADLINE, "nomemory": "agent_nomemory", "original": "agent_original"}
+"""The method name of each trained agent in the results."""
+
+
+def evaluate_model(model: Any, rt: Any, config: NavConfig, split: str, n: int, seed: int) -> dict[str, Any]:
+    """Periodic evaluation during training: the model on ``n`` fixed episodes of ``split``.
+
+    ``rt`` needs ``scene`` and ``memory`` attributes. Returns :func:`summarise` for the split.
+    """
+    episodes = make_episodes(rt.scene, split, n, seed)
+    venv = make_eval_env(rt.scene, config, n, rt.memory)
+    df, _ = run_episodes(venv, AgentController(model), episodes, record_paths=False)
+    return summarise(df, [])[split]
+
+
+def _show_indices(d: pd.DataFrame, k: int) -> list[int]:
+    """Positions (within one method's rows) of the first ``k`` test episodes (any split if none)."""
+    test = np.flatnonzero(d["split"].to_numpy() == "test")
+    pick = test if len(test) else np.arange(len(d))
+    return [int(i) for i in pick[:k]]
+
+
+def _write_trajectories(
+    df: pd.DataFrame, paths: Mapping[str, list[np.ndarray]], scene: Scene, out: Path, k: int
+) -> None:
+    from maprl.viz.plots import plot_trajectories
+
+    methods = [m for m in paths if len(paths[m])]
+    if not methods:
+        return
+    first = df[df["method"] == methods[0]].reset_index(drop=True)
+    show = _show_indices(first, k)
+    targets = [(float(first.at[i, "target_x"]), float(first.at[i, "target_y"])) for i in show]
+    ok, rows = [], []
+    for m in methods:
+        d = df[df["method"] == m].reset_index(drop=True)
+        ok.append([bool(d.at[i, "success"]) for i in show])
+        rows.append([paths[m][i] for i in show])
+    titles = [f"{first.at[i, 'split']} episode {first.at[i, 'episode']}" for i in show]
+    with atomic_path(out) as tmp:
+        plot_trajectories(scene.map.rgb, methods, rows, targets, ok, scene.view_size, str(tmp), titles)
+
+
+def _write_gif(df: pd.DataFrame, paths: Mapping[str, list[np.ndarray]], scene: Scene, out: Path, frames: int) -> None:
+    from maprl.viz.plots import episode_frames, save_gif
+
+    candidates = [m for m in (HEADLINE, *paths) if m in paths and len(paths[m])]
+    if not candidates:
+        return
+    method = candidates[0]
+    d = df[df["method"] == method].reset_index(drop=True)
+    i = _show_indices(d, 1)[0]
+    target = (float(d.at[i, "target_x"]), float(d.at[i, "target_y"]))
+    with atomic_path(out) as tmp:
+        save_gif(episode_frames(scene.map.rgb, paths[method][i], target, scene.view_size, frames), str(tmp))
+
+
+def write_outputs(
+    df: pd.DataFrame,
+    paths: Mapping[str, list[np.ndarray]],
+    scene: Scene,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    params: EvaluateParams,
+    seed: int,
+    *,
+    stop_threshold: float | None = None,
+    n_trajectories: int = 4,
+) -> dict[str, Any]:
+    """Write episodes.csv, methods.csv, success_by_distance.csv, trajectories.png, episode.gif and the metrics JSON.
+
+    Returns the metrics dict. ``df`` and ``paths`` come from :func:`evaluate_methods`.
+    """
+    bins = params.distance_bins
+    metrics = metrics_dict(df, bins, stop_threshold)
+    with staged_dir(out_dir) as out:
+        write_csv(out / "episodes.csv", df)
+        write_csv(out / "methods.csv", methods_table(df, bins))
+        write_csv(out / "success_by_distance.csv", distance_table(df, bins))
+        _write_trajectories(df, paths, scene, out / "trajectories.png", n_trajectories)
+        _write_gif(df, paths, scene, out / "episode.gif", params.gif_steps)
+    metrics.update(
+        seed=seed,
+        episodes_per_split=params.episodes,
+        max_steps=params.max_steps,
+        success_radius=params.success_radius,
+        decoy_rate=params.decoy_rate,
+        methods=[str(m) for m in pd.unique(df["method"])],
+    )
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def evaluate_all(
+    params: Params, rt: Runtime, policies: Mapping[str, str | Path]
+) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]], pd.DataFrame]:
+    """Every agent in ``policies`` (agent name -> policy.zip) and every baseline on the same episodes.
+
+    Returns the per-episode rows (a ``method`` column), the flown paths by method, and the episodes.
+    """
+    p = params.evaluate
+    episodes = make_split_episodes(rt.scene, ["train", "test"], p.episodes, params.base.seed)
+    if p.decoy_rate > 0:
+        decoys = make_decoy_episodes(rt.scene, p.episodes, params.base.seed, p.decoy_rate, p.success_radius)
+        episodes = pd.concat([episodes, decoys], ignore_index=True)
+    frames, paths = [], {}
+    for agent, path in policies.items():
+        ap = agent_variant(params, agent)
+        model = load_policy(path, ap.train.algo)
+        cfg = nav_config(ap, rt, max_steps=p.max_steps, shaping=0.0)
+        name = AGENT_ROWS[agent]
+        df, pth = evaluate_methods(
+            rt.scene, rt.memory, cfg, {name: functools.partial(AgentController, model)}, episodes
+        )
+        frames.append(df)
+        paths.update(pth)
+    base = nav_config(params, rt, max_steps=p.max_steps, shaping=0.0)
+    cfg = dataclasses.replace(base, agent=base.agent.model_copy(update={"memory": "retrieval", "nav": True}))
+    df, pth = evaluate_methods(
+        rt.scene, rt.memory, cfg, default_baselines(rt.scene, rt.memory, params.base.seed), episodes
+    )
+    frames.append(df)
+    paths.update(pth)
+    return pd.concat(frames, ignore_index=True), paths, episodes
+
+
+def run_evaluate(
+    params: Params,
+    map_path: str | Path,
+    targets_path: str | Path,
+    features_dir: str | Path,
+    policies: Mapping[str, str | Path],
+    out_dir: str | Path,
+    metrics_path: str | Path,
+) -> dict[str, Any]:
+    """The evaluate stage. ``policies`` maps agent names (:data:`~maprl.config.AGENTS`) to their policy.zip."""
+    unknown = sorted(set(policies) - set(AGENTS))
+    if unknown:
+        raise InputError(f"unknown agent(s) {', '.join(unknown)}; agents are {', '.join(AGENTS)}")
+    rt = load_runtime(params, map_path, targets_path, features_dir)
+    df, paths, _ = evaluate_all(params, rt, policies)
+    return write_outputs(
+        df, paths, rt.scene, out_dir, metrics_path, params.evaluate, params.base.seed, stop_threshold=rt.stop_threshold
+    )

@@ -1,0 +1,125 @@
+"""Per-episode outcomes summarised per method and split.
+
+Per episode (one row of ``episodes.csv``):
+
+* ``success``: ground truth, the final view centre lies within ``success_radius`` of the
+  target centre. An agent that stops far away fails.
+* ``stopped``: the agent's own stop rule fired (similarity >= ``stop_threshold``).
+* ``spl``: success weighted by path length (Anderson et al. 2018), ``S * l / max(p, l)`` with
+  ``l`` the start distance to the target centre and ``p`` the path flown; 0 on failure.
+* ``final_feature_cosine`` (the env's similarity) and ``final_pixel_cosine`` (raw uint8
+  pixels of the final view against the target photo), ``episode_reward`` (sum).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+HEADLINE = "agent"
+
+
+def spl(success: np.ndarray, shortest: np.ndarray, path: np.ndarray) -> np.ndarray:
+    """Success weighted by path length: ``S * l / max(p, l)`` (1 for a success with l = p = 0)."""
+    s, lo, p = np.asarray(success, float), np.asarray(shortest, float), np.asarray(path, float)
+    denom = np.maximum(p, lo)
+    ratio = np.divide(lo, denom, out=np.ones_like(lo), where=denom > 0)
+    return s * ratio
+
+
+def bin_labels(edges: Sequence[float]) -> list[str]:
+    """``[250, 500]`` -> ``["0-250", "250-500", "500+"]``."""
+    e = [0.0, *sorted(float(x) for x in edges)]
+    return [f"{a:g}-{b:g}" for a, b in itertools.pairwise(e)] + [f"{e[-1]:g}+"]
+
+
+def distance_bin(start_distance: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Bin label of each start distance."""
+    labels = np.array(bin_labels(edges))
+    return labels[np.digitize(np.asarray(start_distance, float), sorted(float(x) for x in edges))]
+
+
+def _num(x: Any) -> float | None:
+    x = float(x)
+    return None if not np.isfinite(x) else x
+
+
+def _split_summary(d: pd.DataFrame, edges: Sequence[float]) -> dict[str, Any]:
+    bins = distance_bin(d["start_distance_px"].to_numpy(), edges)
+    by_bin = {lab: d["success"].to_numpy()[bins == lab] for lab in bin_labels(edges)}
+    return {
+        "episodes": len(d),
+        "success_rate": _num(d["success"].mean()),
+        "spl": _num(d["spl"].mean()),
+        "stop_rate": _num(d["stopped"].mean()),
+        "false_stop_rate": _num((d["stopped"] & ~d["success"]).mean()),
+        "final_distance_px_mean": _num(d["final_distance_px"].mean()),
+        "final_distance_px_median": _num(d["final_distance_px"].median()),
+        "final_distance_m_mean": _num(d["final_distance_m"].mean()),
+        "final_distance_m_median": _num(d["final_distance_m"].median()),
+        "steps_mean": _num(d["steps"].mean()),
+        "final_feature_cosine_mean": _num(d["final_feature_cosine"].mean()),
+        "final_pixel_cosine_mean": _num(d["final_pixel_cosine"].mean()),
+        "mean_episode_reward": _num(d["episode_reward"].mean()),
+        "success_by_distance": {k: _num(v.mean()) if len(v) else None for k, v in by_bin.items()},
+        "episodes_by_distance": {k: len(v) for k, v in by_bin.items()},
+    }
+
+
+def summarise(df: pd.DataFrame, bins: Sequence[float]) -> dict[str, dict[str, Any]]:
+    """Per split: rates, distances, steps, cosines, reward and success by start-distance bin.
+
+    NaN (e.g. metres on a pixel-grid map, an empty bin) becomes ``None`` so the JSON is strict.
+    """
+    return {str(s): _split_summary(df[df["split"] == s], bins) for s in pd.unique(df["split"])}
+
+
+def methods_table(df: pd.DataFrame, bins: Sequence[float]) -> pd.DataFrame:
+    """Tidy table: one row per method and split with the scalar summary metrics."""
+    rows = []
+    for method, d in df.groupby("method", sort=False):
+        for split, s in summarise(d, bins).items():
+            scalars = {k: v for k, v in s.items() if not isinstance(v, dict)}
+            rows.append({"method": method, "split": split, **scalars})
+    return pd.DataFrame(rows)
+
+
+def distance_table(df: pd.DataFrame, bins: Sequence[float]) -> pd.DataFrame:
+    """Tidy table: success rate and SPL per method, split and start-distance bin."""
+    d = df.assign(bin=distance_bin(df["start_distance_px"].to_numpy(), bins))
+    edges = [0.0, *sorted(float(x) for x in bins), float("inf")]
+    rows = []
+    for (method, split), g in d.groupby(["method", "split"], sort=False):
+        for k, lab in enumerate(bin_labels(bins)):
+            sel = g[g["bin"] == lab]
+            rows.append(
+                {
+                    "method": method,
+                    "split": split,
+                    "bin": lab,
+                    "bin_lo": edges[k],
+                    "bin_hi": edges[k + 1],
+                    "episodes": len(sel),
+                    "success_rate": _num(sel["success"].mean()) if len(sel) else None,
+                    "spl": _num(sel["spl"].mean()) if len(sel) else None,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def metrics_dict(
+    df: pd.DataFrame, bins: Sequence[float], stop_threshold: float | None = None, headline: str = HEADLINE
+) -> dict[str, Any]:
+    """``{"agent": {split: ...}, "baselines": {method: {split: ...}}, "stop_threshold": ...}``."""
+    out: dict[str, Any] = {"baselines": {}, "stop_threshold": stop_threshold}
+    for method, d in df.groupby("method", sort=False):
+        summary = summarise(d, bins)
+        if method == headline:
+            out[headline] = summary
+        else:
+            out["baselines"][str(method)] = summary
+    return out

@@ -1,0 +1,1 @@
+"""Learning: the policy network, PPO training with its callbacks, and Optuna tuning."""

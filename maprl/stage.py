@@ -1,0 +1,76 @@
+"""What every pipeline stage script shares: its arguments, its validated params and a clean exit.
+
+``pipeline/<stage>.py`` parses the paths ``dvc.yaml`` gives it with :func:`stage_parser`, loads
+the params with :func:`stage_params` and runs one library function under :func:`guard`, which
+turns user errors into one message and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from maprl.config import Params, load_params
+from maprl.errors import InputError, MapRLError
+
+STAGE_HELP = {
+    "fetch": "Fetch imagery (synthetic world, local file or Earth Engine) into map.tif + map.json.",
+    "tile": "Sample target crops over valid map areas and split them train/test.",
+    "encode": "Build the encoder (self-supervised on the map) and the dense feature cache; calibrate the stop.",
+    "tune": "Optuna study over PPO hyperparameters on the validation part of the train split (resumable).",
+    "train": "Train one agent on the batched feature env (--agent memory, nomemory or original).",
+    "evaluate": "Evaluate the agents and the baselines on fixed episodes; write metrics, tables, plots and a GIF.",
+}
+
+
+def guard(fn: Callable[[], Any]) -> int:
+    """Run ``fn``; turn user errors and Ctrl-C into a message and a non-zero exit code; print a result as JSON."""
+    try:
+        result = fn()
+        if result is not None:
+            print(json.dumps(result, indent=2, sort_keys=True, default=str))
+            sys.stdout.flush()
+    except MapRLError as err:
+        print(f"maprl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "maprl: interrupted. Outputs this stage had finished were written whole; under `dvc repro`, "
+            "DVC removed the stage's outputs before it ran, and `dvc checkout` restores the last ones",
+            file=sys.stderr,
+        )
+        return 130
+    except BrokenPipeError:  # e.g. `maprl check-params | head -1`: the reader left, which is fine
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return 0
+
+
+def stage_parser(name: str, flags: Sequence[tuple[str, str]]) -> argparse.ArgumentParser:
+    """The argument parser of ``pipeline/<name>.py``: ``--params`` and the stage's paths (all required)."""
+    parser = argparse.ArgumentParser(prog=f"pipeline/{name}.py", description=STAGE_HELP[name])
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    for flag, text in flags:
+        parser.add_argument(flag, required=True, help=text)
+    return parser
+
+
+def stage_params(name: str, path: str) -> Params:
+    """The validated params of stage ``name`` (its sections must be in the file)."""
+    return load_params(path, stage=name)
+
+
+def parse_policies(text: str) -> dict[str, str]:
+    """``memory=models/memory/policy.zip,original=...`` -> {agent: path}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        agent, sep, path = item.partition("=")
+        if not sep or not path:
+            raise InputError(f"--policies: {item!r} is not agent=path (e.g. memory=models/memory/policy.zip)")
+        out[agent] = path
+    return out

@@ -1,0 +1,1 @@
+"""Pictures: map previews, trajectory plots and episode GIFs (numpy and matplotlib only)."""
