@@ -24,7 +24,7 @@ from rasterio.transform import from_origin
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from maprl.config import AgentParams, TileParams
+from maprl.config import TileParams
 from maprl.data.geo import MapData
 from maprl.data.tile import build_targets
 from maprl.data.world import synthesize_world
@@ -93,8 +93,8 @@ def main() -> None:
     torch.set_num_threads(2)
     scene = scene_for(args.size)
     memory = pooled_memory(scene, 16, 112)
-    cfg = NavConfig.of(agent=AgentParams(memory="retrieval"), max_steps=100, stop_threshold=0.98)
-    no_memory = dataclasses.replace(cfg, agent=AgentParams(memory="none"))
+    cfg = NavConfig.of(memory="retrieval", max_steps=100, stop_threshold=0.98)
+    no_memory = NavConfig.of(memory="none", max_steps=100, stop_threshold=0.98)
     rows = []
     for name, (sec, r) in {
         "(a) pixel env + MobileNetV2 on both views": pixel_env_rate(scene, args.pixel_steps),
