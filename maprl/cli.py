@@ -46,8 +46,6 @@ def stage_command(name: str, dvc_yaml: Path = Path("dvc.yaml"), agent: str = "me
 
 def run_pipeline_stage(name: str, params: str, agent: str = "memory") -> int:
     """Run stage ``name`` as dvc.yaml declares it, with another params file if given."""
-    if agent not in AGENTS:
-        raise InputError(f"--agent must be one of {', '.join(AGENTS)}")
     cmd = stage_command(name, agent=agent)
     if cmd and cmd[0] == "python":
         cmd[0] = sys.executable

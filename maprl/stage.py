@@ -1,8 +1,8 @@
 """What every pipeline stage script shares: its arguments, its validated params and a clean exit.
 
-``pipeline/<stage>.py`` parses the paths ``dvc.yaml`` gives it with :func:`stage_parser`, loads
-the params with :func:`stage_params` and runs one library function under :func:`guard`, which
-turns user errors into one message and exit code 2 (no traceback).
+``pipeline/<stage>.py`` parses the paths ``dvc.yaml`` gives it with :func:`stage_parser`, then,
+under :func:`guard`, loads the params sections the stage reads and runs one library function;
+:func:`guard` turns user errors into one message and exit code 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from maprl.config import Params, load_params
 from maprl.errors import InputError, MapRLError
 
 STAGE_HELP = {
@@ -58,11 +57,6 @@ def stage_parser(name: str, flags: Sequence[tuple[str, str]]) -> argparse.Argume
     for flag, text in flags:
         parser.add_argument(flag, required=True, help=text)
     return parser
-
-
-def stage_params(name: str, path: str) -> Params:
-    """The validated params of stage ``name`` (its sections must be in the file)."""
-    return load_params(path, stage=name)
 
 
 def parse_policies(text: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """DVC stage ``encode``: train (self-supervised) and cache the encoder over the map; calibrate the stop threshold."""
 
+from maprl.config import load_params
 from maprl.features.encode import run_encode
-from maprl.stage import guard, stage_params, stage_parser
+from maprl.stage import guard, stage_parser
 
 if __name__ == "__main__":
     args = stage_parser(
@@ -13,5 +14,8 @@ if __name__ == "__main__":
             ("--metrics", "metrics JSON"),
         ],
     ).parse_args()
-    params = stage_params("encode", args.params)
-    raise SystemExit(guard(lambda: run_encode(params, args.map, args.targets, args.out, args.metrics)))
+    raise SystemExit(
+        guard(
+            lambda: run_encode(load_params(args.params, stage="encode"), args.map, args.targets, args.out, args.metrics)
+        )
+    )

@@ -1,7 +1,8 @@
 """DVC stage ``evaluate``: every trained agent and every baseline on the same fixed episodes."""
 
+from maprl.config import load_params
 from maprl.eval.evaluate import run_evaluate
-from maprl.stage import guard, parse_policies, stage_params, stage_parser
+from maprl.stage import guard, parse_policies, stage_parser
 
 if __name__ == "__main__":
     args = stage_parser(
@@ -15,11 +16,16 @@ if __name__ == "__main__":
             ("--metrics", "metrics JSON"),
         ],
     ).parse_args()
-    params = stage_params("evaluate", args.params)
     raise SystemExit(
         guard(
             lambda: run_evaluate(
-                params, args.map, args.targets, args.features, parse_policies(args.policies), args.out, args.metrics
+                load_params(args.params, stage="evaluate"),
+                args.map,
+                args.targets,
+                args.features,
+                parse_policies(args.policies),
+                args.out,
+                args.metrics,
             )
         )
     )

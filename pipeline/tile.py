@@ -1,7 +1,8 @@
 """DVC stage ``tile``: sample target crops over the valid map and split them train/test."""
 
+from maprl.config import load_params
 from maprl.data.tile import run_tile
-from maprl.stage import guard, stage_params, stage_parser
+from maprl.stage import guard, stage_parser
 
 if __name__ == "__main__":
     args = stage_parser(
@@ -12,4 +13,4 @@ if __name__ == "__main__":
             ("--metrics", "metrics JSON"),
         ],
     ).parse_args()
-    raise SystemExit(guard(lambda: run_tile(stage_params("tile", args.params), args.map, args.out, args.metrics)))
+    raise SystemExit(guard(lambda: run_tile(load_params(args.params, stage="tile"), args.map, args.out, args.metrics)))

@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
+from maprl.config import load_params
 from maprl.learn.training import RunPaths, run_train
-from maprl.stage import guard, stage_params, stage_parser
+from maprl.stage import guard, stage_parser
 
 if __name__ == "__main__":
     args = stage_parser(
@@ -22,7 +23,16 @@ if __name__ == "__main__":
         ],
     ).parse_args()
     paths = RunPaths(Path(args.policy), Path(args.checkpoints), Path(args.history), Path(args.metrics), Path(args.live))
-    params = stage_params("train", args.params)
     raise SystemExit(
-        guard(lambda: run_train(params, args.agent, args.map, args.targets, args.features, args.best, paths))
+        guard(
+            lambda: run_train(
+                load_params(args.params, stage="train"),
+                args.agent,
+                args.map,
+                args.targets,
+                args.features,
+                args.best,
+                paths,
+            )
+        )
     )

@@ -1,7 +1,8 @@
 """DVC stage ``tune``: an Optuna study over PPO hyperparameters, scored on the validation split (resumable)."""
 
+from maprl.config import load_params
 from maprl.learn.tuning import run_tune_stage
-from maprl.stage import guard, stage_params, stage_parser
+from maprl.stage import guard, stage_parser
 
 if __name__ == "__main__":
     args = stage_parser(
@@ -18,7 +19,7 @@ if __name__ == "__main__":
     raise SystemExit(
         guard(
             lambda: run_tune_stage(
-                stage_params("tune", args.params),
+                load_params(args.params, stage="tune"),
                 args.map,
                 args.targets,
                 args.features,

@@ -99,3 +99,18 @@ def test_check_params_prints_resolved(tmp_path: Path, capsys: pytest.CaptureFixt
     params = _write(tmp_path, "base: {seed: 5}\n")
     assert main(["check-params", "--params", str(params)]) == 0
     assert '"seed": 5' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["encode", "train", "evaluate"])
+def test_bad_params_in_any_stage_script_is_a_message(tmp_path: Path, stage: str) -> None:
+    """Params are loaded under the error guard in every stage script, not only some."""
+    params = _write(tmp_path, "base: {seed: .nan}\n")
+    flags = {"encode": ["--map", "m", "--targets", "t", "--out", "o", "--metrics", "x"]}
+    flags["train"] = ["--agent", "memory", "--map", "m", "--targets", "t", "--features", "f", "--best", "b"]
+    flags["train"] += ["--policy", "p", "--checkpoints", "c", "--history", "h", "--live", "l", "--metrics", "x"]
+    flags["evaluate"] = ["--map", "m", "--targets", "t", "--features", "f", "--policies", "memory=p"]
+    flags["evaluate"] += ["--out", "o", "--metrics", "x"]
+    cmd = [sys.executable, str(REPO / "pipeline" / f"{stage}.py"), "--params", str(params), *flags[stage]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no" in proc.stderr and "section" in proc.stderr

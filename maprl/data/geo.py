@@ -8,6 +8,7 @@ imagery; later stages never sample a view that touches one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ class MapData:
     def width(self) -> int:
         return int(self.rgb.shape[1])
 
-    @property
+    @cached_property
     def metres_per_pixel_xy(self) -> tuple[float, float]:
         """Ground metres of one pixel step along x and along y, at the map centre.
 

@@ -128,10 +128,10 @@ def write_outputs(
 
 def evaluate_all(
     params: Params, rt: Runtime, policies: Mapping[str, str | Path]
-) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]], pd.DataFrame]:
+) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
     """Every agent in ``policies`` (agent name -> policy.zip) and every baseline on the same episodes.
 
-    Returns the per-episode rows (a ``method`` column), the flown paths by method, and the episodes.
+    Returns the per-episode rows (a ``method`` column) and the flown paths by method.
     """
     p = params.evaluate
     episodes = make_split_episodes(rt.scene, ["train", "test"], p.episodes, params.base.seed)
@@ -156,7 +156,7 @@ def evaluate_all(
     )
     frames.append(df)
     paths.update(pth)
-    return pd.concat(frames, ignore_index=True), paths, episodes
+    return pd.concat(frames, ignore_index=True), paths
 
 
 def run_evaluate(
@@ -173,7 +173,7 @@ def run_evaluate(
     if unknown:
         raise InputError(f"unknown agent(s) {', '.join(unknown)}; agents are {', '.join(AGENTS)}")
     rt = load_runtime(params, map_path, targets_path, features_dir)
-    df, paths, _ = evaluate_all(params, rt, policies)
+    df, paths = evaluate_all(params, rt, policies)
     return write_outputs(
         df, paths, rt.scene, out_dir, metrics_path, params.evaluate, params.base.seed, stop_threshold=rt.stop_threshold
     )

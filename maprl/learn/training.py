@@ -185,9 +185,12 @@ class RunPaths:
         return self.checkpoints / "eval_history.json"
 
 
-def make_train_env(params: Params, rt: Runtime, split: str, n_envs: int, seed: int, gamma: float) -> NavVecEnv:
-    """The batched training env; ``gamma`` is the learner's discount, used by the potential-based shaping."""
+def make_train_env(
+    params: Params, rt: Runtime, split: str, n_envs: int, seed: int, hparams: dict[str, Any] | None = None
+) -> NavVecEnv:
+    """The batched training env; the potential-based shaping uses the run's discount (tuned or ``train.gamma``)."""
     p = params.train
+    gamma = float(resolve_hparams(p, hparams)["gamma"])
     cfg = nav_config(params, rt, max_steps=p.max_steps, shaping=p.shaping, gamma=gamma, decoy_rate=p.decoy_rate)
     return NavVecEnv(rt.scene, n_envs, cfg, split=split, memory=rt.memory, seed=seed)
 
@@ -216,8 +219,7 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
 
     p = params.train
     torch.set_num_threads(p.torch_threads)
-    gamma = float(resolve_hparams(p, hparams)["gamma"])
-    venv = VecMonitor(make_train_env(params, rt, "train", p.n_envs, params.base.seed, gamma))
+    venv = VecMonitor(make_train_env(params, rt, "train", p.n_envs, params.base.seed, hparams))
     resumed, history = _resume(p, paths, venv)
     model = resumed or build_model(p, venv, params.base.seed, hparams)
     done = int(model.num_timesteps)
@@ -237,7 +239,7 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
     )
     seconds = time.perf_counter() - t0
     live.end()
-    final = {split: fn(model) for split, fn in evaluators(params, rt).items()}
+    final = {split: fn(model) for split, fn in periodic.evaluators.items()}
     metrics = {
         "timesteps": int(model.num_timesteps),
         "resumed_from": done,

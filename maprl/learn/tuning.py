@@ -45,7 +45,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params
 from maprl.errors import InputError, ParamsError
 from maprl.io import atomic_path, write_json
-from maprl.learn.training import build_model, make_train_env, resolve_hparams
+from maprl.learn.training import build_model, make_train_env
 from maprl.nav.runtime import Runtime, load_runtime
 
 POW2_KEYS = ("n_steps", "batch_size")  # a low/high range is sampled as the exponent, trial param ``log2_<name>``
@@ -381,8 +381,7 @@ def _train_and_score(trial: optuna.Trial, params: Params, rt: Runtime, hparams: 
     def score(model: Any) -> Any:
         return evaluate_model(model, rt, cfg, "val", t.eval_episodes, seed)[t.objective]
 
-    gamma = float(resolve_hparams(params.train, hparams)["gamma"])
-    venv = VecMonitor(make_train_env(params, rt, "train", t.n_envs or params.train.n_envs, seed, gamma))
+    venv = VecMonitor(make_train_env(params, rt, "train", t.n_envs or params.train.n_envs, seed, hparams))
     try:
         model = build_model(params.train, venv, seed, hparams)
         every = max(1, t.timesteps // t.n_evaluations)
