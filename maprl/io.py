@@ -41,6 +41,27 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+TIMING_KEYS = ("seconds", "timesteps_per_second")  # what differs between two identical runs
+
+
+def write_metrics(metrics_path: str | Path, timing_path: str | Path | None, metrics: dict[str, Any]) -> None:
+    """Write a stage's metrics, with its wall-clock fields (:data:`TIMING_KEYS`) split off into ``timing_path``.
+
+    The metrics file then holds only what the seed and params decide, so two runs of the same
+    code give byte-identical metrics; the timings go to their own file.
+    """
+    timing = {k: metrics[k] for k in TIMING_KEYS if k in metrics}
+    write_json(metrics_path, {k: v for k, v in metrics.items() if k not in TIMING_KEYS})
+    if timing_path is not None:
+        write_json(timing_path, timing)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
     """Write a table as CSV atomically, without the index."""
     with atomic_path(path) as tmp:

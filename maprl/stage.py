@@ -50,12 +50,17 @@ def guard(fn: Callable[[], Any]) -> int:
     return 0
 
 
-def stage_parser(name: str, flags: Sequence[tuple[str, str]]) -> argparse.ArgumentParser:
-    """The argument parser of ``pipeline/<name>.py``: ``--params`` and the stage's paths (all required)."""
+def stage_parser(name: str, flags: Sequence[tuple[str, str]], timing: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of ``pipeline/<name>.py``: ``--params``, the stage's paths (all required)
+    and, with ``timing``, an optional ``--timing`` file for its wall-clock figures."""
     parser = argparse.ArgumentParser(prog=f"pipeline/{name}.py", description=STAGE_HELP[name])
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     for flag, text in flags:
         parser.add_argument(flag, required=True, help=text)
+    if timing:
+        parser.add_argument(
+            "--timing", default=None, help="write wall-clock timings here, apart from the metrics (optional)"
+        )
     return parser
 
 

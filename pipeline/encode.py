@@ -13,9 +13,12 @@ if __name__ == "__main__":
             ("--out", "output folder (cache.npz, encoder.pt, calibration.json, ssl_loss.csv)"),
             ("--metrics", "metrics JSON"),
         ],
+        timing=True,
     ).parse_args()
     raise SystemExit(
         guard(
-            lambda: run_encode(load_params(args.params, stage="encode"), args.map, args.targets, args.out, args.metrics)
+            lambda: run_encode(
+                load_params(args.params, stage="encode"), args.map, args.targets, args.out, args.metrics, args.timing
+            )
         )
     )

@@ -12,5 +12,8 @@ if __name__ == "__main__":
             ("--out", "output folder (targets.csv, crops/, preview.png)"),
             ("--metrics", "metrics JSON"),
         ],
+        timing=True,
     ).parse_args()
-    raise SystemExit(guard(lambda: run_tile(load_params(args.params, stage="tile"), args.map, args.out, args.metrics)))
+    raise SystemExit(
+        guard(lambda: run_tile(load_params(args.params, stage="tile"), args.map, args.out, args.metrics, args.timing))
+    )

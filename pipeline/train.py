@@ -21,8 +21,16 @@ if __name__ == "__main__":
             ("--live", "dvclive folder"),
             ("--metrics", "metrics JSON"),
         ],
+        timing=True,
     ).parse_args()
-    paths = RunPaths(Path(args.policy), Path(args.checkpoints), Path(args.history), Path(args.metrics), Path(args.live))
+    paths = RunPaths(
+        Path(args.policy),
+        Path(args.checkpoints),
+        Path(args.history),
+        Path(args.metrics),
+        Path(args.live),
+        Path(args.timing) if args.timing else None,
+    )
     raise SystemExit(
         guard(
             lambda: run_train(

@@ -229,12 +229,34 @@ def test_run_encode_stage(tmp_path: Path, tiny_map_path: Path, tiny_map: MapData
     targets.to_csv(tmp_path / "targets.csv", index=False)
     params = tiny_params(encoder={**NATURE, "weights": "ssl", "ssl_steps": 2, "ssl_batch_size": 8})
     metrics = run_encode(params, tiny_map_path, tmp_path / "targets.csv", tmp_path / "enc", tmp_path / "m.json")
-    for name in ("cache.npz", "encoder.pt", "calibration.json", "ssl_loss.csv"):
-        assert (tmp_path / "enc" / name).exists()
-    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(metrics))
+    again = run_encode(params, tiny_map_path, tmp_path / "targets.csv", tmp_path / "enc2", tmp_path / "m2.json")
+    for name in ("cache.npz", "encoder.pt", "calibration.json", "ssl_loss.csv"):  # byte-reproducible
+        assert (tmp_path / "enc" / name).read_bytes() == (tmp_path / "enc2" / name).read_bytes(), name
+    assert (tmp_path / "m.json").read_bytes() == (tmp_path / "m2.json").read_bytes()
+    assert metrics["seconds"] and again["seconds"]  # timings are returned, and kept out of the metrics file
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written == {k: v for k, v in json.loads(json.dumps(metrics)).items() if k != "seconds"}
     cal = json.loads((tmp_path / "enc" / "calibration.json").read_text())
     assert cal["stop_threshold"] == metrics["stop"]["stop_threshold"]
     assert metrics["ssl"]["steps"] == 2 and metrics["grid_nodes"] > 0
     assert metrics["far_pair_similarity"]["pixels_mean"] > metrics["far_pair_similarity"]["encoder_mean"]
     pos = load_space(tmp_path / "enc").grid_positions().astype(int)
     assert valid_centres(tiny_map.valid, VIEW)[pos[:, 1], pos[:, 0]].all()  # no view touches the nodata corner
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_array"])
+def test_a_damaged_feature_cache_is_a_clear_error(tmp_path: Path, tiny_map: MapData, damage: str) -> None:
+    """Defect: a truncated cache.npz gave a traceback from deep inside numpy."""
+    space = make_space(EncoderParams(**NATURE), tiny_map, VIEW)
+    space.save(tmp_path)
+    cache = tmp_path / "cache.npz"
+    if damage == "truncate":
+        cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    elif damage == "garbage":
+        cache.write_bytes(b"not a zip at all")
+    else:
+        with np.load(cache) as npz:
+            arrays = {k: npz[k] for k in npz.files if k != "grid"}
+        np.savez(cache, **arrays)
+    with pytest.raises(InputError, match=r"damaged or incomplete.*dvc repro encode"):
+        load_space(tmp_path, tiny_map)

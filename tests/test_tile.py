@@ -6,7 +6,7 @@ import pytest
 
 from maprl.config import TileParams
 from maprl.data.geo import MapData
-from maprl.data.tile import block_interiors, build_targets, run_tile, sample_targets
+from maprl.data.tile import block_interiors, build_targets, read_targets, run_tile, sample_targets
 from maprl.errors import InputError
 from maprl.views import valid_centres, view_origin
 
@@ -83,3 +83,23 @@ def test_run_tile_writes_csv_crops_and_preview(tmp_path: Path, tiny_map_path: Pa
     assert len(list((tmp_path / "targets" / "crops").glob("*.png"))) == 20
     assert (tmp_path / "targets" / "preview.png").stat().st_size > 1000
     assert metrics["n_test"] == 4 and metrics["n_train"] == 16
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("id,x,split\n0,5,train\n", "lacks column.*y"),
+        ("", "not a readable CSV"),
+        ("id,x,y,split\n", "no rows"),
+        ("id,x,y,split\n0,abc,5,train\n", "column x must hold finite numbers"),
+        ("id,x,y,split\n0,nan,5,train\n", "column x must hold finite numbers"),
+        ("id,x,y,split\n0,1,5,train\n0,2,5,test\n", "ids must be unique"),
+        ("id,x,y,split\n0,1,5,holdout\n", "split must be train or test"),
+    ],
+)
+def test_a_bad_targets_table_is_a_clear_error(tmp_path: Path, text: str, match: str) -> None:
+    """Defect: a targets.csv with missing columns gave a KeyError traceback in a later stage."""
+    path = tmp_path / "targets.csv"
+    path.write_text(text)
+    with pytest.raises(InputError, match=match):
+        read_targets(path)

@@ -6,6 +6,7 @@ local GeoTIFF, JPEG or PNG) and ``earthengine`` (Sentinel-2 or NAIP plus a DEM).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from maprl.config import FetchParams, Params
 from maprl.errors import InputError
 from maprl.views import valid_centres
 from maprl.data.geo import MapData, lonlat_to_crs, read_map, utm_crs, write_map
-from maprl.io import write_json
+from maprl.io import staged_dir, write_json, write_metrics
 from maprl.data.world import synthesize_world
 
 
@@ -66,6 +67,33 @@ def _read_file_strips(src: rasterio.DatasetReader, scale: float, strip: int = 10
     return data, mask
 
 
+def available_memory() -> int:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo; physical pages elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+BYTES_PER_MAP_PIXEL = 64  # source bands, the float32 4-band map while writing, and read_map's copies
+
+
+def check_fits_in_memory(path: Path, src: rasterio.DatasetReader, scale: float) -> None:
+    """Refuse an image whose map would not fit in the memory available, before allocating anything."""
+    h, w = max(1, round(src.height * scale)), max(1, round(src.width * scale))
+    need = h * w * (BYTES_PER_MAP_PIXEL + src.count * np.dtype(src.dtypes[0]).itemsize)
+    have = available_memory()
+    if need > have:
+        raise InputError(
+            f"fetch.path: {path} is {src.width}x{src.height} pixels; at fetch.resample {scale} the map would be "
+            f"{w}x{h} and need about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB is available. "
+            f"Lower fetch.resample (e.g. {max(0.01, scale * (have / need) ** 0.5 * 0.8):.2g}) or crop the image"
+        )
+
+
 def _elevation_band(src: rasterio.DatasetReader) -> int | None:
     names = [(d or "").lower() for d in src.descriptions]
     return names.index("elevation") if "elevation" in names else None
@@ -78,6 +106,7 @@ def fetch_file(p: FetchParams, out_tif: Path) -> dict[str, Any]:
         raise InputError(f"fetch.path: {path} does not exist")
     try:
         with rasterio.open(path) as src:
+            check_fits_in_memory(path, src, p.resample)
             data, mask = _read_file_strips(src, p.resample)
             elev_idx = _elevation_band(src)
             crs = src.crs
@@ -131,28 +160,33 @@ def usable_fraction(m: MapData, view_size: int) -> float:
     return share
 
 
-def run_fetch(params: Params, out_dir: str | Path, metrics_path: str | Path) -> dict[str, Any]:
-    """Run the fetch stage: write ``map.tif`` and ``map.json`` in ``out_dir`` and fetch metrics."""
-    out_dir = Path(out_dir)
+def run_fetch(
+    params: Params, out_dir: str | Path, metrics_path: str | Path, timing_path: str | Path | None = None
+) -> dict[str, Any]:
+    """Run the fetch stage: ``map.tif`` and ``map.json`` in ``out_dir``, fetch metrics and timing.
+
+    Everything is written into a temporary folder and checked first; only then does it replace
+    ``out_dir`` whole, so a map that fails a check never replaces the previous one.
+    """
     p = params.fetch
     t0 = time.perf_counter()
-    tif = out_dir / "map.tif"
-    if p.source == "synthetic":
-        meta = fetch_synthetic(p, params.base.seed, tif)
-    elif p.source == "file":
-        meta = fetch_file(p, tif)
-    else:
-        from maprl.data.earthengine import fetch_earthengine
+    with staged_dir(out_dir) as tmp:
+        tif = tmp / "map.tif"
+        if p.source == "synthetic":
+            meta = fetch_synthetic(p, params.base.seed, tif)
+        elif p.source == "file":
+            meta = fetch_file(p, tif)
+        else:
+            from maprl.data.earthengine import fetch_earthengine
 
-        meta = fetch_earthengine(p.earthengine, tif)
-    m = read_map(tif)
-    meta.update(describe_map(m))
-    elapsed = time.perf_counter() - t0
-    metrics = {
-        "seconds": round(elapsed, 2),
-        "valid_fraction": meta["valid_fraction"],
-        "usable_view_fraction": usable_fraction(m, params.tile.view_size),
-    }
-    write_json(out_dir / "map.json", meta)
-    write_json(metrics_path, metrics)
+            meta = fetch_earthengine(p.earthengine, tif)
+        m = read_map(tif)
+        meta.update(describe_map(m))
+        metrics = {
+            "seconds": round(time.perf_counter() - t0, 2),
+            "valid_fraction": meta["valid_fraction"],
+            "usable_view_fraction": usable_fraction(m, params.tile.view_size),
+        }
+        write_json(tmp / "map.json", meta)
+    write_metrics(metrics_path, timing_path, metrics)
     return metrics

@@ -15,6 +15,7 @@ Split modes:
 
 from __future__ import annotations
 
+from typing import Any
 import time
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from maprl.errors import InputError
 from maprl.views import crop_views, valid_centres
 from maprl.data.geo import MapData, read_map
 from maprl.data.splits import hold_out
-from maprl.io import atomic_path, staged_dir, write_json
+from maprl.io import atomic_path, staged_dir, write_metrics
 
 COLUMNS = ["id", "x", "y", "lon", "lat", "split", "block", "texture"]
+REQUIRED = ("id", "x", "y", "split")  # what the later stages read
 
 
 def _pick(candidates: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -130,10 +132,40 @@ def read_targets(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise InputError(f"targets {path} do not exist; run `dvc repro tile` first")
-    return pd.read_csv(path)
+    try:
+        targets = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"targets {path} is not a readable CSV ({err}); rerun `dvc repro tile`") from None
+    check_targets(targets, path)
+    return targets
 
 
-def run_tile(params: Params, map_path: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
+def check_targets(targets: pd.DataFrame, path: str | Path) -> None:
+    """A targets table needs :data:`REQUIRED` columns, finite numeric centres, unique ids and a known split."""
+    missing = [c for c in REQUIRED if c not in targets.columns]
+    if missing:
+        raise InputError(f"targets {path} lacks column(s) {', '.join(missing)}; it needs {', '.join(REQUIRED)}")
+    if targets.empty:
+        raise InputError(f"targets {path} has no rows; rerun `dvc repro tile`")
+    for col in ("id", "x", "y"):
+        values = pd.to_numeric(targets[col], errors="coerce").to_numpy(float)
+        if not np.all(np.isfinite(values)):
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise InputError(f"targets {path}: column {col} must hold finite numbers (row {bad}: {targets[col].iat[bad]!r})")
+    if targets["id"].duplicated().any():
+        raise InputError(f"targets {path}: ids must be unique (id {targets['id'][targets['id'].duplicated()].iat[0]} repeats)")
+    unknown = sorted(set(targets["split"].astype(str)) - {"train", "test"})
+    if unknown:
+        raise InputError(f"targets {path}: split must be train or test, found {', '.join(unknown)}")
+
+
+def run_tile(
+    params: Params,
+    map_path: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    timing_path: str | Path | None = None,
+) -> dict[str, Any]:
     """Run the tile stage: ``targets.csv`` (+ crops/, preview.png) in ``out_dir`` and split metrics.
 
     The folder is written whole into a temporary sibling and then swapped in, so a rerun with
@@ -155,7 +187,7 @@ def run_tile(params: Params, map_path: str | Path, out_dir: str | Path, metrics_
         "n_test_blocks": int(targets.loc[targets["split"] == "test", "block"].nunique()) if p.mode == "spatial" else 0,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, timing_path, metrics)
     return metrics
 
 

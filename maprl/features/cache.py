@@ -16,7 +16,10 @@ bilinearly between grid nodes and renormalises: a step is a lookup.
 
 from __future__ import annotations
 
+import io
 import math
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,10 +32,18 @@ from tqdm.auto import tqdm
 from maprl.config import EncoderParams
 from maprl.data.geo import MapData
 from maprl.errors import InputError, ParamsError
-from maprl.features.nets import Encoder, build_encoder, normalise, recalibrate_batchnorm, to_unit_tensor, views_to_input
+from maprl.features.nets import (
+    Encoder,
+    build_encoder,
+    configure_torch,
+    normalise,
+    recalibrate_batchnorm,
+    to_unit_tensor,
+    views_to_input,
+)
 from maprl.features.spaces import FeatureSpace, PooledFeatures
 from maprl.features.ssl import pretrain_ssl
-from maprl.io import atomic_path
+from maprl.io import atomic_path, write_bytes
 from maprl.views import crop_views, integral_image, sample_centres, unit, valid_centres
 
 CACHE_FILE = "cache.npz"
@@ -306,8 +317,15 @@ class EncoderFeatures:
         }
         with atomic_path(out / CACHE_FILE) as tmp, tmp.open("wb") as f:
             np.savez(f, **arrays)
-        with atomic_path(out / ENCODER_FILE) as tmp:
-            torch.save({"kind": self.encoder.kind, "state_dict": self.encoder.state_dict()}, tmp)
+        save_encoder(out / ENCODER_FILE, self.encoder.kind, self.encoder.state_dict())
+
+
+def save_encoder(path: Path, kind: str, state_dict: dict[str, Any]) -> None:
+    """``encoder.pt``, byte-reproducible: saved through memory, so no temporary file name ends up
+    inside the archive (``torch.save`` to a path names the archive's folder after the file)."""
+    buf = io.BytesIO()
+    torch.save({"kind": kind, "state_dict": state_dict}, buf)
+    write_bytes(path, buf.getvalue())
 
 
 class PooledGrid:
@@ -350,7 +368,7 @@ def map_views(m: MapData, view_size: int, n: int, seed: int) -> np.ndarray:
 
 def train_encoder(p: EncoderParams, m: MapData, view_size: int, seed: int) -> tuple[Encoder, list[float]]:
     """Build the encoder of ``p`` and, for ``ssl`` weights, pretrain it; returns it and the loss curve."""
-    torch.set_num_threads(p.torch_threads)
+    configure_torch(p.torch_threads)
     encoder = build_encoder(p.kind, p.weights, seed, p.weights_path)
     losses = pretrain_ssl(encoder, m.rgb, m.valid, view_size, p, seed) if p.weights == "ssl" else []
     if p.weights != "imagenet":
@@ -368,7 +386,7 @@ def pooling_for(p: EncoderParams, encoder: Encoder, view_size: int) -> Pooling:
 
 def build_space(p: EncoderParams, encoder: Encoder, m: MapData, view_size: int) -> EncoderFeatures:
     """Cache a trained ``encoder`` over map ``m`` as ``p`` says."""
-    torch.set_num_threads(p.torch_threads)
+    configure_torch(p.torch_threads)
     pooling = pooling_for(p, encoder, view_size)
     return EncoderFeatures.build(
         encoder, m, pooling, p.cache_stride, p.cache_shifts, whiten=p.whiten, out_dim=p.out_dim
@@ -388,17 +406,32 @@ def load_space(out_dir: str | Path, m: MapData | None = None) -> MapSpace:
     path = Path(out_dir) / CACHE_FILE
     if not path.exists():
         raise InputError(f"feature cache {path} does not exist; run `dvc repro encode` first")
-    with np.load(path) as npz:
-        data = dict(npz)
-    if str(data["kind"]) == "pooled":
+    damaged = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)
+    try:
+        with np.load(path) as npz:
+            data = dict(npz)
+        kind = str(data["kind"])
+    except damaged as err:
+        raise _damaged(out_dir, err) from None
+    if kind == "pooled":
         if m is None:
             raise ValueError("loading a pooled feature cache needs the map")
         return PooledGrid(m, int(data["view_size"]), int(data["stride"]))
-    space = _load_encoder_space(Path(out_dir), data)
+    try:
+        space = _load_encoder_space(Path(out_dir), data)
+    except damaged as err:
+        raise _damaged(out_dir, err) from None
     view = space.view_size
     if m is not None and (space.xs[-1] + view - view // 2 > m.width or space.ys[-1] + view - view // 2 > m.height):
         raise InputError(f"feature cache in {out_dir} was made for a larger map; rerun the encode stage")
     return space
+
+
+def _damaged(out_dir: str | Path, err: Exception) -> InputError:
+    return InputError(
+        f"feature cache in {out_dir} is damaged or incomplete ({type(err).__name__}: {err}); "
+        "rerun `dvc repro encode` (or `dvc checkout data/features`)"
+    )
 
 
 def _load_encoder_space(out_dir: Path, data: dict[str, Any]) -> EncoderFeatures:

@@ -32,21 +32,21 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from maprl.config import EncoderParams, Params
 from maprl.data.geo import MapData, read_map
 from maprl.data.tile import read_targets
-from maprl.features.cache import MapSpace, PooledGrid, build_space, train_encoder
+from maprl.features.cache import ENCODER_FILE, MapSpace, PooledGrid, build_space, save_encoder, train_encoder
+from maprl.features.nets import configure_torch
 from maprl.features.spaces import FeatureSpace
-from maprl.io import atomic_path, write_json
+from maprl.io import atomic_path, staged_dir, write_json, write_metrics
 from maprl.views import crop_views, far_pairs, pixel_cosine, valid_centres
 
 
 # -- building ------------------------------------------------------------------------------
 def encode_map(p: EncoderParams, m: MapData, view_size: int, seed: int) -> tuple[MapSpace, dict[str, Any]]:
     """Train (ssl) and cache the encoder of ``p`` on ``m``; returns the space and timings / loss curve."""
-    torch.set_num_threads(p.torch_threads)
+    configure_torch(p.torch_threads)
     t0 = time.perf_counter()
     if p.kind == "pooled":
         space: MapSpace = PooledGrid(m, view_size, p.cache_stride)
@@ -212,23 +212,30 @@ def measure(
 def _save_outputs(space: MapSpace, out: Path, calibration: dict[str, Any], losses: list[float]) -> None:
     space.save(out)
     if isinstance(space, PooledGrid):  # keep the stage's outputs the same for every kind
-        with atomic_path(out / "encoder.pt") as tmp:
-            torch.save({"kind": "pooled", "state_dict": {}}, tmp)
+        save_encoder(out / ENCODER_FILE, "pooled", {})
     write_json(out / "calibration.json", calibration)
     with atomic_path(out / "ssl_loss.csv") as tmp:
         pd.DataFrame({"step": np.arange(len(losses)), "loss": losses}).to_csv(tmp, index=False)
 
 
 def run_encode(
-    params: Params, map_path: str | Path, targets_path: str | Path, out_dir: str | Path, metrics_path: str | Path
+    params: Params,
+    map_path: str | Path,
+    targets_path: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    timing_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the encode stage; returns the metrics written to ``metrics_path``."""
+    """Run the encode stage; returns the metrics written to ``metrics_path`` (timings to ``timing_path``).
+
+    The output folder is written whole into a temporary sibling, then swapped in."""
     t0 = time.perf_counter()
     p, view, seed = params.encoder, params.tile.view_size, params.base.seed
     m, targets = read_map(map_path), read_targets(targets_path)
     space, info = encode_map(p, m, view, seed)
     metrics, calibration = measure(space, m, targets, p, seed, params.evaluate.success_radius)
-    _save_outputs(space, Path(out_dir), calibration, info["ssl_loss"])
+    with staged_dir(out_dir) as tmp:
+        _save_outputs(space, tmp, calibration, info["ssl_loss"])
     losses = info["ssl_loss"]
     metrics.update(
         encoder={"kind": p.kind, "weights": p.weights, "input_size": p.input_size, "cache_stride": p.cache_stride},
@@ -240,7 +247,7 @@ def run_encode(
         ssl={"steps": len(losses), "loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])},
         stop={k: calibration[k] for k in ("stop_threshold", "near_recall", "far_pass_rate", "median_similarity_0px")},
     )
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, timing_path, metrics)
     return metrics
 
 

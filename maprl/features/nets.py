@@ -32,6 +32,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def configure_torch(threads: int) -> None:
+    """The one place torch's run-to-run settings are made: a fixed thread count (sums split over
+    threads add up in another order with another count) and deterministic algorithms (a warning,
+    not an error, where an op has none). The CPU code paths are pinned in :mod:`maprl` itself."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class Encoder(nn.Module):
     """A fully convolutional ``trunk`` then global average pooling: (B, 3, S, S) -> (B, D)."""
 

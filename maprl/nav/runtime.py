@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +43,12 @@ def read_stop_threshold(features_dir: str | Path) -> float:
     if not calib.exists():
         raise InputError(f"{calib} does not exist; run `dvc repro encode` first")
     try:
-        return float(json.loads(calib.read_text())["stop_threshold"])
+        value = float(json.loads(calib.read_text())["stop_threshold"])
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"{calib} is not a calibration written by the encode stage ({err}); rerun encode") from None
+    if not -1.0 <= value <= 1.0:  # NaN fails this too
+        raise InputError(f"{calib}: stop_threshold {value} is not a cosine similarity in [-1, 1]; rerun encode")
+    return value
 
 
 def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path) -> Runtime:
@@ -71,3 +76,22 @@ def nav_config(
         gamma=gamma,
         decoy_rate=decoy_rate,
     )
+
+
+def data_fingerprint(rt: Runtime) -> dict[str, Any]:
+    """Content hashes of what a trial sees: map pixels, targets and splits, feature cache, stop threshold."""
+    sc = rt.scene
+
+    def digest(*arrays: np.ndarray) -> str:
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    feats = rt.memory.embeddings if rt.memory is not None else np.zeros(0)
+    return {
+        "map": digest(sc.map.rgb, sc.map.valid),
+        "targets": digest(sc.targets_xy, sc.targets["split"].to_numpy().astype(str)),
+        "features": digest(feats),
+        "stop_threshold": round(float(rt.stop_threshold), 6),
+    }
