@@ -54,6 +54,19 @@ def _copy_repo(dst: Path) -> None:
             shutil.copy2(REPO / rel, dst / rel)
 
 
+def _lock_outs(repo: Path) -> dict[str, str]:
+    """Every output's hash in dvc.lock, except timings and the logs that carry wall-clock times by design
+    (the study journal, dvclive's step timestamps) and the emptied checkpoint folders."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    logs = ("metrics/timing/", "data/tune", "dvclive/")
+    return {
+        o["path"]: o.get("md5", "")
+        for stage in lock["stages"].values()
+        for o in stage.get("outs", [])
+        if not o["path"].startswith(logs) and not o["path"].endswith("/checkpoints")
+    }
+
+
 @pytest.mark.e2e
 def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
@@ -78,6 +91,15 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
 
     again = _run(["dvc", "repro"], repo)
     assert "Running stage" not in again
+
+    # every stage again: byte-identical metrics and artifacts (dvc.lock's hashes do not move), timings aside
+    metrics = {p.name: p.read_bytes() for p in (repo / "metrics").glob("*.json")}
+    lock = _lock_outs(repo)
+    forced = _run(["dvc", "repro", "-f"], repo)
+    assert "Running stage 'encode'" in forced and "Running stage 'train@memory'" in forced
+    assert {p.name: p.read_bytes() for p in (repo / "metrics").glob("*.json")} == metrics
+    assert _lock_outs(repo) == lock
+    assert (repo / "metrics" / "timing" / "train-memory.json").exists()
 
     exp = _run(["dvc", "exp", "run", "-S", "evaluate.episodes=6"], repo)
     assert "Running stage 'evaluate'" in exp and "Running stage 'fetch'" not in exp

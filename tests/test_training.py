@@ -2,8 +2,8 @@
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from maprl.config import Params
 from maprl.data.geo import MapData
 from maprl.errors import InputError, ParamsError
 from maprl.eval.agents import load_policy
+from maprl.learn import training
 from maprl.learn.policies import MapRLNetwork
 from maprl.learn.training import RunPaths, lr_schedule, train
 from maprl.nav.runtime import Runtime, pooled_memory
@@ -74,21 +75,65 @@ def _obs(rt: Runtime) -> dict:
     return {k: v[0] for k, v in venv.reset().items()}
 
 
-def test_resume_evaluates_on_the_same_timesteps_and_keeps_the_history(tmp_path: Path, rt: Runtime) -> None:
-    """Defect: resuming at 128 with eval_freq 64 evaluated at 130, 132, 134... and lost the earlier history."""
-    full = train(_params(256), rt, _paths(tmp_path / "full"))
-    whole = json.loads((tmp_path / "full" / "m" / "history.json").read_text())
-    assert [r["timesteps"] for r in whole] == [64, 128, 192, 256] and full["resumed_from"] == 0
+def _kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """Make training die (as under kill -9) right after it saved the checkpoint at ``at`` timesteps."""
+    real = training.save_checkpoint
+
+    def save_then_die(model: Any, *args: Any) -> None:
+        real(model, *args)
+        if model.num_timesteps >= at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+
+
+def _without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in ("seconds", "timesteps_per_second", "resumed_from")}
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(
+    tmp_path: Path, rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defects: a resumed run evaluated at 130, 132... lost its history, and ended with other
+    numbers than an uninterrupted run (val/test SPL 0.8489/0.7398 against 0.8513/0.7401)."""
+    full = train(_params(384), rt, _paths(tmp_path / "full"))
     part = _paths(tmp_path / "part")
-    train(_params(128), rt, part)  # as if killed right after the checkpoint at 128
-    part.checkpoints.mkdir(parents=True, exist_ok=True)
-    shutil.copy(part.policy, part.checkpoint)
-    shutil.copy(part.history, part.checkpoint_history)
-    metrics = train(_params(256), rt, part)
-    resumed = json.loads(part.history.read_text())
-    assert metrics["resumed_from"] == 128 and metrics["timesteps"] == 256
-    assert [r["timesteps"] for r in resumed] == [64, 128, 192, 256]
-    assert not part.checkpoint.exists()  # a finished run leaves no checkpoint behind
+    with monkeypatch.context() as m:
+        _kill_after_checkpoint(m, 128)
+        with pytest.raises(KeyboardInterrupt):
+            train(_params(384), rt, part)
+    assert (part.checkpoints / "checkpoint.zip").exists() and not part.policy.exists()
+    resumed = train(_params(384), rt, part)
+    assert resumed["resumed_from"] == 128 and full["resumed_from"] == 0
+    assert _without_timing(resumed) == _without_timing(full)
+    assert part.history.read_text() == (tmp_path / "full" / "m" / "history.json").read_text()
+    assert [r["timesteps"] for r in json.loads(part.history.read_text())] == [64, 128, 192, 256, 320, 384]
+    assert part.policy.read_bytes() == (tmp_path / "full" / "m" / "policy.zip").read_bytes()
+    assert not any(part.checkpoints.iterdir())  # a finished run leaves no checkpoint behind
+
+
+def test_a_checkpoint_made_with_other_params_is_not_resumed(
+    tmp_path: Path, rt: Runtime, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect: after a kill, a changed learning rate silently resumed the old run with the old rate."""
+    paths = _paths(tmp_path)
+    with monkeypatch.context() as m:
+        _kill_after_checkpoint(m, 128)
+        with pytest.raises(KeyboardInterrupt):
+            train(_params(256), rt, paths)
+    metrics = train(_params(256, learning_rate=1e-3, n_envs=4), rt, paths)
+    out = capsys.readouterr().out
+    assert metrics["resumed_from"] == 0
+    assert "starting fresh" in out and "train.learning_rate" in out and "train.n_envs" in out
+
+
+def test_two_runs_save_byte_identical_policies_and_metrics(tmp_path: Path, rt: Runtime) -> None:
+    """Defect: policy.zip held a start time and episode timestamps, so dvc.lock changed between identical runs."""
+    for run in ("a", "b"):
+        train(_params(128), rt, _paths(tmp_path / run))
+    for name in ("m/policy.zip", "train.json", "m/history.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "seconds" not in json.loads((tmp_path / "a" / "train.json").read_text())
 
 
 def test_linear_learning_rate_never_goes_negative() -> None:

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import random
+import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +35,10 @@ from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params, TrainParams, agent_va
 from maprl.errors import InputError, ParamsError
 from maprl.eval.agents import algo_class, load_policy
 from maprl.eval.evaluate import evaluate_model
-from maprl.io import atomic_path, write_json
+from maprl.features.nets import configure_torch
+from maprl.io import atomic_path, staged_dir, write_json, write_metrics
 from maprl.learn.policies import MapRLNetwork, MapRLPolicy
-from maprl.nav.runtime import Runtime, load_runtime, nav_config
+from maprl.nav.runtime import Runtime, data_fingerprint, load_runtime, nav_config
 from maprl.nav.vecenv import NavVecEnv
 
 
@@ -148,22 +153,85 @@ class PeriodicEval(BaseCallback):
         return True
 
 
-class Checkpoint(BaseCallback):
-    """Save the model and the evaluation history so far (atomically), for ``train.resume``."""
+VOLATILE_MODEL_FIELDS = ("start_time", "ep_info_buffer", "ep_success_buffer", "_num_timesteps_at_start", "lr_schedule")
+"""SB3 model fields left out of saved models, so that equal runs save equal bytes: wall-clock times
+(episode infos carry theirs), where this process started, and the schedule SB3 rebuilds on load."""
+CHECKPOINT_FILE, STATE_FILE = "checkpoint.zip", "state.pkl"
 
-    def __init__(self, paths: RunPaths, periodic: PeriodicEval) -> None:
+
+class Checkpoint(BaseCallback):
+    """Save the whole training state at the first rollout start after each multiple of ``every`` timesteps.
+
+    At a rollout boundary the state is complete: the model and optimizer, the last observation,
+    each agent's episode and generator, the global RNGs and the evaluation history. A run resumed
+    from it takes exactly the steps an uninterrupted run takes (same machine, same params).
+    """
+
+    def __init__(self, every: int, paths: RunPaths, periodic: PeriodicEval, fingerprint: dict[str, Any]) -> None:
         super().__init__()
-        self.paths, self.periodic = paths, periodic
+        self.every, self.paths, self.periodic, self.fingerprint = every, paths, periodic, fingerprint
+        self.saved = 0
+
+    def _on_training_start(self) -> None:
+        self.saved = self.num_timesteps // self.every
+
+    def _on_rollout_start(self) -> None:
+        if self.num_timesteps // self.every > self.saved:
+            self.saved = self.num_timesteps // self.every
+            save_checkpoint(self.model, self.paths.checkpoints, self.periodic.history, self.fingerprint)
 
     def _on_step(self) -> bool:
-        save_model(self.model, self.paths.checkpoint)
-        write_json(self.paths.checkpoint_history, self.periodic.history)
         return True
 
 
+def _training_env(model: BaseAlgorithm) -> NavVecEnv:
+    env = model.get_env()
+    inner = env.venv if isinstance(env, VecMonitor) else env
+    assert isinstance(inner, NavVecEnv)
+    return inner
+
+
+def save_checkpoint(
+    model: BaseAlgorithm, folder: Path, history: list[dict[str, float]], fingerprint: dict[str, Any]
+) -> None:
+    """``checkpoint.zip`` (the SB3 model) and ``state.pkl`` (env, RNGs, history, fingerprint), swapped in together."""
+    state = {
+        "fingerprint": fingerprint,
+        "history": list(history),
+        "env": _training_env(model).get_state(),
+        "last_obs": model._last_obs,  # SB3 does not save it: without it, learn() would reset the env
+        "last_episode_starts": model._last_episode_starts,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+    }
+    with staged_dir(folder) as tmp:
+        save_model(model, tmp / CHECKPOINT_FILE)
+        with (tmp / STATE_FILE).open("wb") as f:
+            pickle.dump(state, f)
+
+
+def _without_object_reprs(data: bytes) -> bytes:
+    """SB3's ``data`` JSON with only what loading reads of each pickled object (``:type:`` and
+    ``:serialized:``): the readable reprs beside them print memory addresses, which change every run."""
+    fields = json.loads(data)
+    for key, value in fields.items():
+        if isinstance(value, dict) and ":serialized:" in value:
+            fields[key] = {k: value[k] for k in (":type:", ":serialized:") if k in value}
+    return json.dumps(fields, indent=4).encode()
+
+
 def save_model(model: BaseAlgorithm, path: Path) -> None:
+    """Save an SB3 model byte-reproducibly: no wall-clock fields, fixed zip entry dates, atomically."""
     with atomic_path(path) as tmp:  # the temp name keeps the .zip suffix, so SB3 saves to it as is
-        model.save(tmp)
+        model.save(tmp, exclude=list(VOLATILE_MODEL_FIELDS))
+        with zipfile.ZipFile(tmp) as src:
+            entries = [(info, src.read(info)) for info in src.infolist()]
+        with zipfile.ZipFile(tmp, "w") as dst:
+            for info, data in entries:
+                if info.filename == "data":
+                    data = _without_object_reprs(data)
+                fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+                fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+                dst.writestr(fixed, data)
 
 
 @dataclass(frozen=True)
@@ -176,13 +244,7 @@ class RunPaths:
     metrics: Path
     live: Path
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.checkpoints / "checkpoint.zip"
-
-    @property
-    def checkpoint_history(self) -> Path:
-        return self.checkpoints / "eval_history.json"
+    timing: Path | None = None
 
 
 def make_train_env(
@@ -205,12 +267,67 @@ def evaluators(params: Params, rt: Runtime) -> dict[str, Any]:
     }
 
 
-def _resume(p: TrainParams, paths: RunPaths, venv: Any) -> tuple[BaseAlgorithm | None, list[dict[str, float]]]:
-    if not (p.resume and paths.checkpoint.exists()):
+def run_fingerprint(params: Params, rt: Runtime, hparams: dict[str, Any] | None) -> dict[str, Any]:
+    """What a training run's steps depend on; a checkpoint made with anything else is not resumed."""
+    ignore = {"resume", "progress_bar", "tensorboard", "total_timesteps", "checkpoint_freq", "hparams"}
+    fingerprint = {
+        "seed": params.base.seed,
+        "view_size": params.tile.view_size,
+        "env": params.env.model_dump(),
+        "agent": params.agent.model_dump(),
+        "train": params.train.model_dump(exclude=ignore),
+        "hparams": resolve_hparams(params.train, hparams),
+        "evaluate": params.evaluate.model_dump(include={"max_steps", "success_radius"}),
+        "data": data_fingerprint(rt),
+    }
+    return dict(json.loads(json.dumps(fingerprint)))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def load_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state if a usable checkpoint of this very run is in ``folder``; else None, saying why."""
+    if not (folder / CHECKPOINT_FILE).exists():
+        return None
+    try:
+        with (folder / STATE_FILE).open("rb") as f:
+            state = pickle.load(f)
+        old = state["fingerprint"]
+    except (OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        print(f"train: the checkpoint in {folder} is incomplete ({type(err).__name__}); starting fresh")
+        return None
+    differ = _differences(old, fingerprint)
+    if differ:
+        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        print(f"train: the checkpoint in {folder} was made with other params or data ({shown}); starting fresh")
+        return None
+    return dict(state)
+
+
+def _resume(
+    p: TrainParams, paths: RunPaths, venv: VecMonitor, fingerprint: dict[str, Any]
+) -> tuple[BaseAlgorithm | None, list[dict[str, float]]]:
+    """The model and evaluation history to continue from, with the env and RNGs set as they were."""
+    state = load_checkpoint(paths.checkpoints, fingerprint) if p.resume else None
+    if state is None:
         return None, []
-    model = load_policy(paths.checkpoint, p.algo, env=venv)
-    history = json.loads(paths.checkpoint_history.read_text()) if paths.checkpoint_history.exists() else []
-    return model, history
+    model = load_policy(paths.checkpoints / CHECKPOINT_FILE, p.algo, env=venv)
+    venv.venv.set_state(state["env"])  # type: ignore[attr-defined]
+    model._last_obs, model._last_episode_starts = state["last_obs"], state["last_episode_starts"]
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    print(f"train: resuming from the checkpoint at {model.num_timesteps} timesteps")
+    return model, list(state["history"])
 
 
 def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -218,9 +335,10 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
     from dvclive import Live
 
     p = params.train
-    torch.set_num_threads(p.torch_threads)
+    configure_torch(p.torch_threads)
     venv = VecMonitor(make_train_env(params, rt, "train", p.n_envs, params.base.seed, hparams))
-    resumed, history = _resume(p, paths, venv)
+    fingerprint = run_fingerprint(params, rt, hparams)
+    resumed, history = _resume(p, paths, venv, fingerprint)
     model = resumed or build_model(p, venv, params.base.seed, hparams)
     done = int(model.num_timesteps)
     live = Live(str(paths.live), dvcyaml=None, save_dvc_exp=False, resume=done > 0, report=None)
@@ -228,7 +346,7 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
     periodic = PeriodicEval(evaluators(params, rt), history)
     callbacks: list[BaseCallback] = [
         Every(p.eval_freq, periodic),
-        Every(p.checkpoint_freq, Checkpoint(paths, periodic)),
+        Checkpoint(p.checkpoint_freq, paths, periodic, fingerprint),
     ]
     t0 = time.perf_counter()
     model.learn(
@@ -253,9 +371,9 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
     }
     save_model(model, paths.policy)
     write_json(paths.history, periodic.history)
-    write_json(paths.metrics, metrics)
-    for stale in (paths.checkpoint, paths.checkpoint_history):
-        stale.unlink(missing_ok=True)
+    write_metrics(paths.metrics, paths.timing, metrics)
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing left to resume
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
     return metrics
 
 

@@ -96,6 +96,9 @@ def draw_decoy(scene: Scene, cfg: NavConfig, target_xy: np.ndarray, rng: np.rand
 
 
 class NavCore:
+    STATE = ("ep_cands", "visited", "pos", "rows", "steps", "prev_action", "path_len", "start_dist", "sim", "cur_emb")
+    """The per-agent arrays that make up the agents' state (what a checkpoint saves)."""
+
     def __init__(self, scene: Scene, n: int, cfg: NavConfig, memory: MapMemory | None = None) -> None:
         if cfg.retrieval and memory is None:
             raise ValueError("memory: retrieval needs a MapMemory")

@@ -73,6 +73,26 @@ class NavVecEnv(VecEnv):
         rows, starts, decoys = (np.stack([d[j] for d in drawn]) for j in range(3))
         self.core.reset_agents(idx, rows.astype(np.int64), starts, decoys)
 
+    # -- state, for checkpoints ---------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """Everything the next steps depend on: each agent's episode and each agent's generator."""
+        return {
+            "num_envs": self.num_envs,
+            "core": {k: getattr(self.core, k).copy() for k in NavCore.STATE},
+            "rngs": [rng.bit_generator.state for rng in self._rngs],
+            "episodes": None if self._episodes is None else list(self._episodes),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where :meth:`get_state` was taken (same scene, config and number of agents)."""
+        if state["num_envs"] != self.num_envs:
+            raise ValueError(f"state of {state['num_envs']} agents given to an env of {self.num_envs}")
+        for k in NavCore.STATE:
+            getattr(self.core, k)[...] = state["core"][k]
+        for rng, rng_state in zip(self._rngs, state["rngs"], strict=True):
+            rng.bit_generator.state = rng_state
+        self._episodes = None if state["episodes"] is None else list(state["episodes"])
+
     # -- VecEnv API -------------------------------------------------------------------------
     def reset(self) -> VecEnvObs:
         if self._seeds[0] is not None:
