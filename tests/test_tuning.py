@@ -336,6 +336,31 @@ def test_trial_of_a_dead_local_process_is_requeued(tmp_path: Path) -> None:
     assert retried[0].params == trials[orphan.number].params
 
 
+def _complete(study: optuna.Study) -> list[tuple[dict[str, Any], float | None]]:
+    return [(t.params, t.value) for t in study.trials if t.state == TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("killed_at", [1, 3])
+def test_a_study_killed_mid_trial_ends_with_the_same_trials(tmp_path: Path, killed_at: int) -> None:
+    """Defect: after kill -9 in a trial, the resumed study re-ran it, then drew other trials than
+    an uninterrupted study (the sampler keyed its draws on trial numbers, which the failed trial shifted)."""
+    whole = parse_params({"tune": {"storage": str(tmp_path / "whole.journal"), "n_trials": 6, "space": SPACE}})
+    uninterrupted = study_for(whole, None, 0)
+    optimize_study(uninterrupted, _quadratic, 6, progress=False)
+
+    params = parse_params({"tune": {"storage": str(tmp_path / "killed.journal"), "n_trials": 6, "space": SPACE}})
+    study = study_for(params, None, 0)
+    optimize_study(study, _quadratic, killed_at, progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = study.ask()  # the trial the killed process was running: sampled, never finished
+    _quadratic(killed)
+    killed.set_user_attr("worker", f"{__import__('socket').gethostname()}:{int(dead.stdout)}")
+    resumed = study_for(params, None, 0)
+    optimize_study(resumed, _quadratic, 6, progress=False, reap=True)
+    assert _complete(resumed) == _complete(uninterrupted)
+    assert resumed.best_params == uninterrupted.best_params
+
+
 # -- best hyperparameters file -------------------------------------------------------------------
 def test_load_best_hparams_roundtrip_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "best.yaml"

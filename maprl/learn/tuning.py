@@ -46,7 +46,7 @@ from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params
 from maprl.errors import InputError, ParamsError
 from maprl.io import atomic_path, write_json
 from maprl.learn.training import build_model, make_train_env
-from maprl.nav.runtime import Runtime, load_runtime
+from maprl.nav.runtime import Runtime, data_fingerprint, load_runtime
 
 POW2_KEYS = ("n_steps", "batch_size")  # a low/high range is sampled as the exponent, trial param ``log2_<name>``
 ALIASES = {"one_minus_gamma": "gamma"}  # trial param -> hyperparameter (gamma = 1 - x)
@@ -88,7 +88,9 @@ class AnnealSampler(BaseSampler):
     The chain is replayed from the study at every trial: the first COMPLETE trial (in trial-number
     order) is the initial state; each later one replaces the state if it is better, or else with the
     Metropolis probability ``exp(-worsening / (scale * T))``, where ``scale`` is the standard
-    deviation of the complete values so far and the uniform draw comes from ``(seed, number)``. So
+    deviation of the complete values so far and the uniform draw comes from ``(seed, index)``; a
+    trial's index (:meth:`chain_index`) is its number minus the failed trials before it, so a trial
+    re-run after its process was killed draws what the killed one would have. So
     the state depends only on the history and the seed: the same seed gives the same sequence on a
     sequential study, a resumed study continues the same chain, and parallel workers (which see
     RUNNING trials, ignored here) never crash or collide. PRUNED trials count as rejected proposals:
@@ -101,7 +103,7 @@ class AnnealSampler(BaseSampler):
     re-draw probability shrink from their start to their end value over ``n_trials`` trials (100 if
     not given). Until ``n_startup_trials`` trials are complete, and for parameters new to the
     space, values are drawn uniformly by a :class:`~optuna.samplers.RandomSampler` seeded from
-    ``(seed, number, name)``.
+    ``(seed, index, name)``.
     """
 
     def __init__(
@@ -131,6 +133,15 @@ class AnnealSampler(BaseSampler):
     def _rng(self, number: int, tag: str) -> np.random.Generator:
         return np.random.default_rng([self._seed, number, zlib.crc32(tag.encode())])
 
+    @staticmethod
+    def chain_index(study: Study, number: int) -> int:
+        """A trial's place in the chain: the trials before it that did not fail.
+
+        A trial re-run after its process died takes the place of the failed one, so a study killed
+        mid-trial and resumed draws exactly what an uninterrupted study draws.
+        """
+        return sum(t.number < number and t.state != TrialState.FAIL for t in study.get_trials(deepcopy=False))
+
     def reseed_rng(self) -> None:
         self._seed = int(np.random.SeedSequence().entropy % 2**32)  # type: ignore[operator]
 
@@ -151,8 +162,9 @@ class AnnealSampler(BaseSampler):
             seen.append(float(t.value))  # type: ignore[arg-type]
             gain = sign * (seen[-1] - float(state.value))  # type: ignore[arg-type]
             scale = float(np.std(seen)) or 1.0
-            temperature = self._anneal(self._temperature, t.number, geometric=True)
-            if gain >= 0 or self._rng(t.number, "accept").random() < math.exp(gain / (scale * temperature)):
+            index = self.chain_index(study, t.number)
+            temperature = self._anneal(self._temperature, index, geometric=True)
+            if gain >= 0 or self._rng(index, "accept").random() < math.exp(gain / (scale * temperature)):
                 state = t
         return state
 
@@ -170,9 +182,10 @@ class AnnealSampler(BaseSampler):
         state = self.current_state(study)
         if state is None:
             return {}
-        rng = self._rng(trial.number, "propose")
+        index = self.chain_index(study, trial.number)
+        rng = self._rng(index, "propose")
         return {
-            name: self._neighbour(rng, dist, state.params[name], trial.number)
+            name: self._neighbour(rng, dist, state.params[name], index)
             for name, dist in sorted(search_space.items())
             if name in state.params
         }
@@ -180,7 +193,8 @@ class AnnealSampler(BaseSampler):
     def sample_independent(
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
-        seed = int(self._rng(trial.number, f"independent:{param_name}").integers(2**32))
+        index = self.chain_index(study, trial.number)
+        seed = int(self._rng(index, f"independent:{param_name}").integers(2**32))
         return RandomSampler(seed=seed).sample_independent(study, trial, param_name, param_distribution)
 
     # proposals
@@ -368,14 +382,14 @@ _DIVERGED = re.compile(r"\bnan\b|\binf\b|invalid values|non-finite", re.IGNORECA
 
 
 def _train_and_score(trial: optuna.Trial, params: Params, rt: Runtime, hparams: dict[str, Any]) -> float:
-    import torch
     from stable_baselines3.common.vec_env import VecMonitor
 
     from maprl.eval.evaluate import evaluate_model
+    from maprl.features.nets import configure_torch
     from maprl.nav.runtime import nav_config
 
     t, seed = params.tune, params.base.seed
-    torch.set_num_threads(params.train.torch_threads)
+    configure_torch(params.train.torch_threads)
     cfg = nav_config(params, rt, max_steps=params.evaluate.max_steps, shaping=0.0)
 
     def score(model: Any) -> Any:
@@ -423,25 +437,6 @@ def study_settings(params: Params, rt: Runtime | None = None) -> dict[str, Any]:
     if rt is not None:
         settings["data"] = data_fingerprint(rt)
     return json.loads(json.dumps(settings))
-
-
-def data_fingerprint(rt: Runtime) -> dict[str, Any]:
-    """Content hashes of what a trial sees: map pixels, targets and splits, feature cache, stop threshold."""
-    sc = rt.scene
-
-    def digest(*arrays: np.ndarray) -> str:
-        h = hashlib.sha256()
-        for a in arrays:
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
-
-    feats = rt.memory.embeddings if rt.memory is not None else np.zeros(0)
-    return {
-        "map": digest(sc.map.rgb, sc.map.valid),
-        "targets": digest(sc.targets_xy, sc.targets["split"].to_numpy().astype(str)),
-        "features": digest(feats),
-        "stop_threshold": round(float(rt.stop_threshold), 6),
-    }
 
 
 def study_key(settings: dict[str, Any]) -> str:
