@@ -1,5 +1,9 @@
 """maprl: locate a photo on a map with a reinforcement-learning agent."""
 
+import os
+import platform
+from pathlib import Path
+
 from gymnasium.envs.registration import register, registry
 
 __version__ = "0.1.0"
@@ -8,3 +12,22 @@ ENV_ID = "maprl/SatelliteNav-v0"
 
 if ENV_ID not in registry:
     register(id=ENV_ID, entry_point="maprl.nav.env:SatelliteNavEnv", max_episode_steps=1000)
+
+
+def _pin_cpu_code_paths() -> None:
+    """Pin the CPU code paths that float results depend on, so machines of other CPU generations
+    compute the same numbers: ATen's vector kernels, MKL (conditional numerical reproducibility)
+    and oneDNN all use AVX2, even where AVX-512 is there. A value the user set is kept. Set
+    before torch computes anything; measured in README "Reproducibility" (no slowdown here)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return
+    if " avx2" in flags:
+        for key, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("DNNL_MAX_CPU_ISA", "AVX2")):
+            os.environ.setdefault(key, value)
+
+
+_pin_cpu_code_paths()
