@@ -30,6 +30,7 @@ examples:
   maprl train --agent original     # one of the trained agents: memory, nomemory, original
   maprl tune-worker --storage postgresql://user:pw@db-host/maprl   # extra tuning worker
   maprl check-params               # validate params.yaml and print the resolved values
+  maprl report                     # IQM and 95 % intervals over seeds (dvc exp run -S base.seed=N)
   dvc repro                        # run the whole pipeline with caching
 """
 
@@ -101,6 +102,61 @@ def _add_tune_worker(sub: Any) -> None:
     p.set_defaults(func=cmd_tune_worker)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from maprl import report
+    from maprl.io import write_json
+
+    if args.runs:
+        runs = [(str(path), report.read_eval(path)) for path in args.runs]
+    else:
+        runs = [("workspace", report.read_eval("metrics/eval.json"))] if Path("metrics/eval.json").exists() else []
+        runs += report.experiment_runs(args.rev)
+    table = report.runs_table(runs, args.split)
+    seeds = sorted(set(table["seed"]))
+    if len(seeds) < args.min_seeds:
+        raise InputError(
+            f"{len(seeds)} seed(s) found ({', '.join(map(str, seeds))}), --min-seeds is {args.min_seeds}: "
+            "queue more with `dvc exp run --queue -S base.seed=N` and `dvc queue start`"
+        )
+    tables = {m: report.aggregate(table, m, args.reps) for m in report.METRICS}
+    text = report.markdown(tables, args.split, seeds)
+    if args.out:
+        sources = list(dict.fromkeys(table["source"]))
+        write_json(
+            args.out,
+            {"split": args.split, "seeds": seeds, "runs": sources, "reps": args.reps}
+            | {m: t.to_dict(orient="records") for m, t in tables.items()},
+        )
+    if args.plot:
+        report.plot_intervals(tables, args.plot, f"{args.split} split, {len(seeds)} seeds")
+    print(text)
+
+
+def _add_report(sub: Any) -> None:
+    text = (
+        "Aggregate results over pipeline seeds: per method, the interquartile mean and a 95 %% "
+        "stratified-bootstrap interval (rliable) of the test success rate and SPL. Reads the workspace's "
+        "metrics/eval.json and every DVC experiment of --rev, or the eval.json files given."
+    )
+    epilog = (
+        "run the seeds first:\n"
+        "  for s in 1 2 3 4; do dvc exp run --queue -S base.seed=$s; done\n"
+        "  dvc queue start -j 1 && dvc queue status\n"
+        "  maprl report --out metrics/seeds.json --plot data/seeds.png"
+    )
+    p = sub.add_parser(
+        "report", help=text, description=text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("runs", nargs="*", help="eval.json files (default: the workspace and the DVC experiments)")
+    p.add_argument("--rev", default="HEAD", help="the commit whose experiments to read (default: HEAD)")
+    p.add_argument("--split", default="test", choices=("train", "test", "test_decoy"), help="default: test")
+    p.add_argument("--reps", type=int, default=50_000, help="bootstrap resamples (default: 50000)")
+    p.add_argument("--min-seeds", type=int, default=1, help="fail with fewer seeds than this (default: 1)")
+    p.add_argument("--out", default=None, help="write the aggregate as JSON here (e.g. metrics/seeds.json)")
+    p.add_argument("--plot", default=None, help="write an interval plot here (PNG)")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from maprl import __version__
 
@@ -119,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.set_defaults(func=cmd_check_params)
     _add_tune_worker(sub)
+    _add_report(sub)
     text = "Print the README's params table (markdown), generated from the validated models."
     sub.add_parser("params-table", help=text, description=text).set_defaults(func=cmd_params_table)
     return parser
