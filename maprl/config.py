@@ -7,6 +7,7 @@ output, so a bad value never destroys earlier results.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -56,7 +57,17 @@ class EarthEngineParams(_Section):
             raise ValueError("bbox must be west < east and south < north, in degrees")
         if self.credentials == "service_account" and not (self.service_account and self.key_file):
             raise ValueError("credentials: service_account needs both service_account and key_file")
+        start, end = _iso_date("start_date", self.start_date), _iso_date("end_date", self.end_date)
+        if start >= end:
+            raise ValueError(f"start_date {self.start_date} must come before end_date {self.end_date}")
         return self
+
+
+def _iso_date(key: str, text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{key} {text!r} is not a date as YYYY-MM-DD") from None
 
 
 class FetchParams(_Section):

@@ -34,6 +34,8 @@ BAD = [
     ({"train": {"gamma": 1.0}}, "train.gamma"),
     ({"agent": {"memory": "lstm"}}, "agent.memory"),
     ({"evaluate": {"success_radius": 0}}, "evaluate.success_radius"),
+    ({"fetch": {"earthengine": {"start_date": "2023-10-01"}}}, "must come before end_date"),
+    ({"fetch": {"earthengine": {"end_date": "2023-13-45"}}}, "end_date '2023-13-45' is not a date"),
 ]
 
 

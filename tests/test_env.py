@@ -152,12 +152,21 @@ def test_start_may_be_an_array(scene: Scene) -> None:
     assert info["position"] == (70.0, 75.0)
 
 
-@pytest.mark.parametrize("action", [np.array([np.nan, 0.0]), np.zeros(3), np.zeros((1, 2))])
+@pytest.mark.parametrize("action", [np.array([np.nan, 0.0]), np.zeros(3), np.zeros((1, 2)), "up", None])
 def test_bad_actions_are_clear_errors(scene: Scene, action: np.ndarray) -> None:
     env = make(scene)
     env.reset(seed=0)
     with pytest.raises(ValueError, match="action must be two finite numbers"):
         env.step(action)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_steps": 0}, {"max_steps": -3}, {"stop_threshold": float("nan")}, {"success_radius": 0.0}]
+)
+def test_an_out_of_range_env_config_is_a_clear_error(scene: Scene, bad: dict) -> None:
+    """Defect: max_steps=0 or a NaN stop threshold built an env that could never behave."""
+    with pytest.raises(ValueError, match=f"NavConfig: {next(iter(bad))}="):
+        make(scene, **bad)
 
 
 def test_shaping_is_potential_based(scene: Scene) -> None:

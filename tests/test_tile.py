@@ -103,3 +103,12 @@ def test_a_bad_targets_table_is_a_clear_error(tmp_path: Path, text: str, match: 
     path.write_text(text)
     with pytest.raises(InputError, match=match):
         read_targets(path)
+
+
+def test_targets_whose_views_leave_the_map_are_a_clear_error(tmp_path: Path, tiny_map: MapData) -> None:
+    """Defect: a target at x = 1e6 (tiled on another map) gave a numpy traceback in train."""
+    path = tmp_path / "targets.csv"
+    path.write_text("id,x,y,split\n0,64,64,train\n1,1000000,64,test\n")
+    assert len(read_targets(path)) == 2  # on its own the table is fine
+    with pytest.raises(InputError, match=r"1 target view\(s\) of 32 px leave the 128x128 map \(first: id 1"):
+        read_targets(path, tiny_map, 32)

@@ -16,7 +16,7 @@ from maprl.errors import InputError, ParamsError
 from maprl.eval.agents import load_policy
 from maprl.learn import training
 from maprl.learn.policies import MapRLNetwork
-from maprl.learn.training import RunPaths, lr_schedule, train
+from maprl.learn.training import RunPaths, load_best_hparams, lr_schedule, train
 from maprl.nav.runtime import Runtime, pooled_memory
 from maprl.nav.scene import Scene
 
@@ -140,6 +140,16 @@ def test_linear_learning_rate_never_goes_negative() -> None:
     """Defect: SB3's last update passes progress_remaining slightly below 0, giving a negative lr."""
     schedule = lr_schedule(3e-4, "linear")
     assert schedule(1.0) == pytest.approx(3e-4) and schedule(-0.004) == 0.0 and lr_schedule(3e-4, "constant") == 3e-4
+
+
+@pytest.mark.parametrize(
+    ("text", "match"), [("learning_rate: 5.0", "less than or equal to 1"), ("gamma: 1.5", "train.gamma")]
+)
+def test_tuned_hyperparameters_out_of_range_are_refused(tmp_path: Path, text: str, match: str) -> None:
+    """Defect: a best_hparams.yaml with learning_rate 5.0 or gamma 1.5 trained without a word."""
+    (tmp_path / "best.yaml").write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_best_hparams(tmp_path / "best.yaml")
 
 
 def test_loading_a_truncated_policy_is_a_clear_error(tmp_path: Path) -> None:

@@ -376,7 +376,7 @@ def test_load_best_hparams_roundtrip_and_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown hyperparameter.*lr"):
         load_best_hparams(path)
     path.write_text("n_steps: 12.5\n")
-    with pytest.raises(InputError, match="n_steps must be a positive integer"):
+    with pytest.raises(InputError, match="n_steps must be an integer"):
         load_best_hparams(path)
 
 

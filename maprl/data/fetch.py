@@ -78,7 +78,7 @@ def available_memory() -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-BYTES_PER_MAP_PIXEL = 64  # source bands, the float32 4-band map while writing, and read_map's copies
+BYTES_PER_MAP_PIXEL = 40  # peak working memory per map pixel: the float32 4-band map written, its re-read copy, rgb and masks
 
 
 def check_fits_in_memory(path: Path, src: rasterio.DatasetReader, scale: float) -> None:

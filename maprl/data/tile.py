@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from maprl.config import Params, TileParams
 from maprl.errors import InputError
-from maprl.views import crop_views, valid_centres
+from maprl.views import crop_views, valid_centres, view_origin
 from maprl.data.geo import MapData, read_map
 from maprl.data.splits import hold_out
 from maprl.io import atomic_path, staged_dir, write_metrics
@@ -128,7 +128,9 @@ def build_targets(m: MapData, p: TileParams, seed: int, crops_dir: Path | None) 
     return targets[COLUMNS]
 
 
-def read_targets(path: str | Path) -> pd.DataFrame:
+def read_targets(path: str | Path, m: MapData | None = None, view_size: int | None = None) -> pd.DataFrame:
+    """The targets table, checked (:func:`check_targets`); given the map and view size, every
+    target's view must also lie inside the map."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"targets {path} do not exist; run `dvc repro tile` first")
@@ -137,6 +139,16 @@ def read_targets(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(f"targets {path} is not a readable CSV ({err}); rerun `dvc repro tile`") from None
     check_targets(targets, path)
+    if m is not None and view_size is not None:
+        x0, y0 = view_origin(targets["x"].to_numpy(float), targets["y"].to_numpy(float), view_size)
+        outside = (x0 < 0) | (y0 < 0) | (x0 + view_size > m.width) | (y0 + view_size > m.height)
+        if outside.any():
+            row = targets.iloc[int(np.flatnonzero(outside)[0])]
+            raise InputError(
+                f"targets {path}: {int(outside.sum())} target view(s) of {view_size} px leave the {m.width}x{m.height} "
+                f"map (first: id {row['id']} at x={row['x']}, y={row['y']}); were they tiled on another map? "
+                "rerun `dvc repro tile`"
+            )
     return targets
 
 

@@ -438,7 +438,13 @@ def _load_encoder_space(out_dir: Path, data: dict[str, Any]) -> EncoderFeatures:
     ckpt = out_dir / ENCODER_FILE
     if not ckpt.exists():
         raise InputError(f"encoder weights {ckpt} do not exist; run `dvc repro encode` first")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        raise InputError(
+            f"encoder weights {ckpt} are damaged ({type(err).__name__}: {str(err)[:120]}); "
+            "rerun `dvc repro encode` (or `dvc checkout data/features`)"
+        ) from None
     encoder = build_encoder(str(data["kind"]), "random")
     encoder.load_state_dict(state["state_dict"])
     geometry = {k: int(data[f"pooling_{k}"]) for k in ("view_size", "input_size", "net_stride", "border", "grid")}

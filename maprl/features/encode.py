@@ -231,7 +231,8 @@ def run_encode(
     The output folder is written whole into a temporary sibling, then swapped in."""
     t0 = time.perf_counter()
     p, view, seed = params.encoder, params.tile.view_size, params.base.seed
-    m, targets = read_map(map_path), read_targets(targets_path)
+    m = read_map(map_path)
+    targets = read_targets(targets_path, m, view)
     space, info = encode_map(p, m, view, seed)
     metrics, calibration = measure(space, m, targets, p, seed, params.evaluate.success_radius)
     with staged_dir(out_dir) as tmp:

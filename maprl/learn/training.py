@@ -21,11 +21,12 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import yaml
+from pydantic import TypeAdapter, ValidationError
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EveryNTimesteps
 from stable_baselines3.common.logger import KVWriter, Logger, make_output_format
@@ -87,13 +88,17 @@ def load_best_hparams(path: str | Path) -> dict[str, Any]:
 
 
 def _hparam_value(path: Path, key: str, value: Any) -> int | float:
+    """``value`` checked against the bounds of ``train.<key>`` (the same ones params.yaml has)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InputError(f"{path}: {key} must be a finite number, got {value!r}")
-    if key in INT_HPARAMS:
-        if value != int(value) or value < 1:
-            raise InputError(f"{path}: {key} must be a positive integer, got {value!r}")
-        return int(value)
-    return float(value)
+    if key in INT_HPARAMS and value != int(value):
+        raise InputError(f"{path}: {key} must be an integer, got {value!r}")
+    field = TrainParams.model_fields[key]
+    try:
+        checked: float = TypeAdapter(Annotated[field.annotation, field]).validate_python(value)  # type: ignore[arg-type]
+    except ValidationError as err:
+        raise InputError(f"{path}: {key} = {value!r}: {err.errors()[0]['msg']} (as train.{key})") from None
+    return int(checked) if key in INT_HPARAMS else float(checked)
 
 
 def resolve_hparams(p: TrainParams, hparams: dict[str, Any] | None) -> dict[str, Any]:

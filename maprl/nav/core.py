@@ -27,6 +27,7 @@ where the agent has been that such a search needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,23 @@ class NavConfig:
     shaping: float = 0.0
     gamma: float = 0.99
     decoy_rate: float = 0.0  # share of episodes whose top retrieval candidate is a decoy
+
+    def __post_init__(self) -> None:
+        checks = {
+            "stop_threshold": -1.0 <= self.stop_threshold <= 1.0,
+            "success_radius": 0.0 < self.success_radius < math.inf,
+            "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "shaping": 0.0 <= self.shaping < math.inf,
+            "gamma": 0.0 < self.gamma <= 1.0,
+            "decoy_rate": 0.0 <= self.decoy_rate <= 1.0,
+        }  # written so that NaN fails each of them
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            raise ValueError(
+                f"NavConfig: {shown} out of range (stop_threshold in [-1, 1], success_radius > 0, max_steps >= 1 "
+                "or None, shaping >= 0, gamma in (0, 1], decoy_rate in [0, 1])"
+            )
 
     @classmethod
     def of(cls, **kw: Any) -> NavConfig:

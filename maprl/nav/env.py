@@ -203,9 +203,7 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         return self._obs(), {**self.core.info(0), "blocked": False}
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        a = np.asarray(action, float)
-        if a.shape != (2,) or not np.isfinite(a).all():
-            raise ValueError(f"action must be two finite numbers in [-1, 1] (shape (2,)), got {action!r}")
+        a = _as_action(action)
         old = self.core.pos[0].copy()
         reward, terminated, truncated = self.core.step(a[None])
         moved = not np.allclose(self.core.pos[0], old)
@@ -219,3 +217,14 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             return None
         t = self.core.targets_xy[self.core.rows[0]]
         return render_episode(self.scene.map.rgb, self._path, (t[0], t[1]), self.view_size)
+
+
+def _as_action(action: Any) -> np.ndarray:
+    """The action as a (2,) float array; anything else is a ValueError that shows it."""
+    try:
+        a = np.asarray(action, float)
+    except (TypeError, ValueError):  # not numbers at all
+        a = np.full(0, np.nan)
+    if a.shape != (2,) or not np.isfinite(a).all():
+        raise ValueError(f"action must be two finite numbers in [-1, 1] (shape (2,)), got {action!r}")
+    return a

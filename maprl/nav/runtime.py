@@ -54,7 +54,8 @@ def read_stop_threshold(features_dir: str | Path) -> float:
 def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path) -> Runtime:
     """The scene in the encode stage's feature space, its map memory and the calibrated stop threshold."""
     m = read_map(map_path)
-    targets = with_validation(read_targets(targets_path), params.train.val_fraction, params.base.seed)
+    targets = read_targets(targets_path, m, params.tile.view_size)
+    targets = with_validation(targets, params.train.val_fraction, params.base.seed)
     stop = read_stop_threshold(features_dir)
     space = load_space(features_dir, m)
     memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
