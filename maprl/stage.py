@@ -8,8 +8,11 @@ under :func:`guard`, loads the params sections the stage reads and runs one libr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +29,33 @@ STAGE_HELP = {
 }
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def follow_parent() -> None:
+    """Stop (as on Ctrl-C) when the process that started this one dies or sends SIGTERM.
+
+    ``kill -9`` of ``dvc repro`` used to leave its stage running as an orphan, still writing
+    outputs while a rerun started the same stage. On Linux the kernel now sends SIGTERM to the
+    stage when its parent dies (``PR_SET_PDEATHSIG``), and SIGTERM unwinds like Ctrl-C, so
+    temporary files are removed and finished outputs stay whole."""
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (an embedding application): leave its signals alone
+        return
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: an orphan finishes on its own, as before
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def guard(fn: Callable[[], Any]) -> int:
     """Run ``fn``; turn user errors and Ctrl-C into a message and a non-zero exit code; print a result as JSON."""
     try:
+        follow_parent()
         result = fn()
         if result is not None:
             print(json.dumps(result, indent=2, sort_keys=True, default=str))

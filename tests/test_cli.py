@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,34 @@ def test_bad_params_in_any_stage_script_is_a_message(tmp_path: Path, stage: str)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no" in proc.stderr and "section" in proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_stage_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """Defect: kill -9 of `dvc repro` left the stage running as an orphan that kept writing outputs."""
+    (tmp_path / "params.yaml").write_text("base: {seed: 1}\nfetch: {size: 6144}\ntile: {view_size: 224}\n")
+    stage = [sys.executable, str(REPO / "pipeline" / "fetch.py"), "--params", str(tmp_path / "params.yaml")]
+    stage += ["--out", str(tmp_path / "map"), "--metrics", str(tmp_path / "fetch.json")]
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, time; p = subprocess.Popen({stage!r}); print(p.pid, flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    time.sleep(8)  # the stage is rendering the world by now
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        if not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the stage went on running after its parent was killed")
+    assert not (tmp_path / "map").exists() and not (tmp_path / "fetch.json").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
