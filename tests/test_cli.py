@@ -8,6 +8,7 @@ import pytest
 
 from maprl.cli import build_parser, main, stage_command
 from maprl.errors import InputError
+from maprl.stage import guard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,3 +148,13 @@ def test_a_stage_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
         pytest.fail("the stage went on running after its parent was killed")
     assert not (tmp_path / "map").exists() and not (tmp_path / "fetch.json").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_ctrl_c_says_what_is_true_about_outputs(capsys: pytest.CaptureFixture[str]) -> None:
+    """Defect: after Ctrl-C under dvc repro the message said outputs were left as they were; DVC had removed them."""
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    assert guard(interrupted) == 130
+    assert "dvc checkout" in capsys.readouterr().err

@@ -83,6 +83,9 @@ def test_run_tile_writes_csv_crops_and_preview(tmp_path: Path, tiny_map_path: Pa
     assert len(list((tmp_path / "targets" / "crops").glob("*.png"))) == 20
     assert (tmp_path / "targets" / "preview.png").stat().st_size > 1000
     assert metrics["n_test"] == 4 and metrics["n_train"] == 16
+    fewer = tiny_params(tile={"n_targets": 10, "view_size": 16, "block_size": 32})
+    run_tile(fewer, tiny_map_path, tmp_path / "targets", tmp_path / "tile.json")
+    assert len(list((tmp_path / "targets" / "crops").glob("*.png"))) == 10  # no stale crops from the first run
 
 
 @pytest.mark.parametrize(

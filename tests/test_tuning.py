@@ -34,6 +34,7 @@ from maprl.learn.tuning import (
     reap_orphans,
     report,
     run_tune,
+    run_tune_stage,
     space_distributions,
     study_for,
     suggest_hparams,
@@ -412,3 +413,20 @@ def test_run_tune_micro_study(tmp_path: Path, tiny_map: MapData) -> None:
     best = load_best_hparams(tmp_path / "best.yaml")
     assert set(best) == {"learning_rate", "n_steps"} and best == metrics["best_params"]
     assert run_tune(params, rt, out, tmp_path / "best.yaml", tmp_path / "tune.json")["n_trials"] == 2  # resumed: done
+
+
+def test_tune_without_the_feature_cache_says_so(tmp_path: Path, tiny_map_path: Path) -> None:
+    """Defect: tune without data/features quietly fell back to pooled features and another threshold."""
+    grid_targets([60.0, 90.0], [60.0, 90.0], ["train", "test"]).to_csv(tmp_path / "targets.csv", index=False)
+    params = tiny_params(tune={"storage": str(tmp_path / "s.journal")})
+    with pytest.raises(InputError, match=r"calibration.json does not exist; run `dvc repro encode` first"):
+        run_tune_stage(
+            params,
+            tiny_map_path,
+            tmp_path / "targets.csv",
+            tmp_path / "none",
+            tmp_path / "out",
+            tmp_path / "b.yaml",
+            tmp_path / "m.json",
+        )
+    assert not (tmp_path / "b.yaml").exists() and not (tmp_path / "m.json").exists()
