@@ -1,7 +1,9 @@
 """Tiny-budget training: save/load/predict, and resume after an interrupted run."""
 
+import base64
 import importlib.util
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,12 @@ def test_two_runs_save_byte_identical_policies_and_metrics(tmp_path: Path, rt: R
     for name in ("m/policy.zip", "train.json", "m/history.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert "seconds" not in json.loads((tmp_path / "a" / "train.json").read_text())
+    # nor does it depend on where maprl is installed: no pickled object carries a source path
+    fields = json.loads(zipfile.ZipFile(tmp_path / "a" / "m" / "policy.zip").read("data"))
+    pickles = [
+        base64.b64decode(v[":serialized:"]) for v in fields.values() if isinstance(v, dict) and ":serialized:" in v
+    ]
+    assert pickles and not any(str(Path(training.__file__).parent).encode() in b for b in pickles)
 
 
 def test_linear_learning_rate_never_goes_negative() -> None:

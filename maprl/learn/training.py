@@ -59,11 +59,22 @@ class DVCLiveWriter(KVWriter):
         self.live.end()
 
 
+@dataclass(frozen=True)
+class LinearDecay:
+    """``learning_rate * progress_remaining``, clamped at 0 (SB3 passes progress from 1 to 0, and a
+    little below 0 on the last update). A class, not a lambda: SB3 pickles the schedule into the
+    saved model, and a lambda's pickle holds its source file's path, so a policy trained in
+    another checkout would differ in its bytes."""
+
+    learning_rate: float
+
+    def __call__(self, progress: float) -> float:
+        return self.learning_rate * max(0.0, progress)
+
+
 def lr_schedule(learning_rate: float, kind: str) -> Any:
-    """A linear decay to zero (SB3 passes progress_remaining from 1 to 0, and a little below 0
-    on the last update, hence the clamp), or a constant."""
-    lr = learning_rate
-    return (lambda progress: lr * max(0.0, progress)) if kind == "linear" else lr
+    """A linear decay to zero (:class:`LinearDecay`), or a constant."""
+    return LinearDecay(learning_rate) if kind == "linear" else learning_rate
 
 
 def load_best_hparams(path: str | Path) -> dict[str, Any]:
