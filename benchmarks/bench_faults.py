@@ -54,6 +54,9 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from workspace import TINY as SHARED_TINY
+from workspace import copy_repo
+
 REPO = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")
 OUTPUT_DIRS = ("data", "metrics", "models")
@@ -64,24 +67,8 @@ STAGE_TIMEOUT_S = 300.0
 EE_TIMEOUT_S = 60.0
 TIMING_KEYS = ("seconds", "timesteps_per_second", "resumed_from")
 
-TINY: dict[str, dict[str, Any]] = {
-    "fetch": {"size": 192},
-    "tile": {"n_targets": 24, "view_size": 32, "block_size": 64},
-    "encoder": {"input_size": 64, "ssl_steps": 2, "ssl_batch_size": 8, "torch_threads": 1},
-    "tune": {"n_trials": 2, "timesteps": 256, "eval_episodes": 4, "n_evaluations": 2},
-    "train": {
-        "total_timesteps": 512,
-        "n_envs": 4,
-        "n_steps": 32,
-        "batch_size": 64,
-        "max_steps": 10,
-        "eval_freq": 256,
-        "eval_episodes": 4,
-        "checkpoint_freq": 256,
-        "progress_bar": False,
-    },
-    "evaluate": {"episodes": 4, "max_steps": 10, "gif_steps": 5},
-}
+# the e2e test's tiny params; one encoder thread (2 were 5-10x slower while other jobs shared the cores)
+TINY: dict[str, dict[str, Any]] = {**SHARED_TINY, "encoder": {**SHARED_TINY["encoder"], "torch_threads": 1}}
 BASELINE = [("fetch", "memory"), ("tile", "memory"), ("encode", "memory"), ("tune", "memory")]
 BASELINE += [("train", agent) for agent in ("memory", "nomemory", "original")] + [("evaluate", "memory")]
 
@@ -260,21 +247,7 @@ def _changed_text(changes: list[str], limit: int = 4) -> str:
 
 def make_workspace(repo: Path, root: Path) -> Workspace:
     """Copy the repository's files (not its outputs) into ``root`` and write tiny params."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    for rel in files:
-        if (repo / rel).is_file() and not rel.startswith(("metrics/", "data/", "models/", "dvclive/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo / rel, root / rel)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_repo(root, TINY, repo)
     return attach_workspace(root)
 
 

@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from workspace import TINY, copy_repo, git_commit_all
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = (
     "metrics/*.json",
     "metrics/timing/*.json",
@@ -37,43 +36,18 @@ ARTIFACTS = (
     "models/*/eval_history.json",
     "data/eval/*.csv",
 )
-TINY = {
-    "fetch": {"size": 192},
-    "tile": {"n_targets": 24, "view_size": 32, "block_size": 64},
-    "encoder": {"input_size": 64, "ssl_steps": 2, "ssl_batch_size": 8},
-    "tune": {"n_trials": 2, "timesteps": 256, "eval_episodes": 4, "n_evaluations": 2},
-    "train": {"total_timesteps": 512, "n_envs": 4, "n_steps": 32, "batch_size": 64, "max_steps": 10,
-              "eval_freq": 256, "eval_episodes": 4, "checkpoint_freq": 256, "progress_bar": False},
-    "evaluate": {"episodes": 4, "max_steps": 10, "gif_steps": 5},
-}  # fmt: skip
 
 
-def copy_repo(dst: Path, tiny: bool) -> None:
-    """The committed and untracked (not ignored) files, outputs and metrics left out; a git repo of its own."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in listed:
-        if (REPO / rel).is_file() and not rel.startswith(("metrics/", "models/best_hparams.yaml")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    (dst / "dvc.lock").unlink(missing_ok=True)
-    if tiny:
-        params = yaml.safe_load((dst / "params.yaml").read_text())
-        for section, values in TINY.items():
-            params[section].update(values)
-        (dst / "params.yaml").write_text(yaml.safe_dump(params))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for cmd in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+def prepare(dst: Path, tiny: bool) -> None:
+    """A copy of the repository in ``dst``, run with its own maprl (``run_pipeline`` puts it first on
+    PYTHONPATH): two runs then also differ in where maprl lives, as two checkouts would."""
+    copy_repo(dst, TINY if tiny else None)
+    git_commit_all(dst)
 
 
 def run_pipeline(work: Path) -> float:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(work)}
     t0 = time.perf_counter()
     proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -99,7 +73,7 @@ def main() -> None:
     runs, seconds = [], []
     for i in range(args.runs):
         work = Path(tempfile.mkdtemp(prefix=f"maprl-repro-{i}-"))
-        copy_repo(work, args.tiny)
+        prepare(work, args.tiny)
         seconds.append(run_pipeline(work))
         runs.append(hashes(work))
         if args.keep:

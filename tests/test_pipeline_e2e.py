@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,27 +13,9 @@ import yaml
 from rasterio.transform import from_origin
 
 from conftest import textured_rgb
+from workspace import TINY, copy_repo, git_commit_all
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "fetch": {"size": 192},
-    "tile": {"n_targets": 24, "view_size": 32, "block_size": 64},
-    "encoder": {"input_size": 64, "ssl_steps": 2, "ssl_batch_size": 8},
-    "tune": {"n_trials": 2, "timesteps": 256, "eval_episodes": 4, "n_evaluations": 2},
-    "train": {
-        "total_timesteps": 512,
-        "n_envs": 4,
-        "n_steps": 32,
-        "batch_size": 64,
-        "max_steps": 10,
-        "eval_freq": 256,
-        "eval_episodes": 4,
-        "checkpoint_freq": 256,
-        "progress_bar": False,
-    },
-    "evaluate": {"episodes": 4, "max_steps": 10, "gif_steps": 5},
-}
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -42,16 +23,6 @@ def _run(args: list[str], cwd: Path) -> str:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout + proc.stderr
-
-
-def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and not rel.startswith("metrics/"):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
 
 
 def _lock_outs(repo: Path) -> dict[str, str]:
@@ -71,14 +42,8 @@ def _lock_outs(repo: Path) -> dict[str, str]:
 def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    _copy_repo(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    _run(["git", "init", "-q"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo)
+    copy_repo(repo, TINY)
+    git_commit_all(repo)
 
     _run(["dvc", "repro"], repo)
     assert (repo / "data" / "map" / "map.tif").exists()
