@@ -337,7 +337,7 @@ def _resume(
     if state is None:
         return None, []
     model = load_policy(paths.checkpoints / CHECKPOINT_FILE, p.algo, env=venv)
-    venv.venv.set_state(state["env"])  # type: ignore[attr-defined]
+    _training_env(model).set_state(state["env"])
     model._last_obs, model._last_episode_starts = state["last_obs"], state["last_episode_starts"]
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
