@@ -12,16 +12,29 @@ photograph together with a matching surface model:
 * rendering: base colours times a hillshade of the surface (terrain, buildings, tree canopy),
   with cast shadows traced along the sun direction, plus mild sensor noise.
 
-Every random choice comes from one ``np.random.default_rng(seed)`` passed down explicitly, so
-the same ``(size, seed, metres_per_pixel)`` always yields byte-identical arrays. Sizes are in
+Every random choice comes from one ``np.random.default_rng(seed)`` passed down explicitly (other
+seasons add one generator each, see below), so the same ``(size, seed, metres_per_pixel, season)``
+always yields byte-identical arrays. Sizes are in
 metres inside the generator and converted with ``metres_per_pixel``, so a coarser pixel shows
 the same kind of landscape over a larger area.
+
+Seasons: the same world can be photographed in any of :data:`SEASONS`. The geometry (terrain,
+water, roads, buildings, parcels, forest, tree crowns) is built once from the main generator;
+each season then renders it with its own :class:`Look`: sun azimuth and altitude (so hillshade
+and cast shadows move), haze, white balance, a new crop stage for every parcel, autumn, leafless
+or fresh-green tree colours and canopy density, and a lower (exposed mud) or higher (flooded
+fringe) water level. ``"summer"`` is the original rendering, drawn from the main generator and
+byte-identical to the single-season output; every other season draws its crops, crown colours
+and sensor noise from ``np.random.default_rng([seed, SEASONS.index(season)])``, so the main
+stream and hence the geometry are untouched. :func:`synthesize_worlds` renders several seasons
+from one geometry.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,13 +48,16 @@ HAZE_SHARE = 0.1  # the atmosphere dims the ground by this share ...
 HAZE_RGB = (8.0, 10.0, 20.0)  # ... and adds this bluish path radiance
 MAX_STREET_MPP = 12.0  # coarser pixels show villages without their streets and houses
 MAX_ROAD_MPP = 25.0  # coarser pixels show no roads at all
+SEASONS = ("summer", "autumn", "winter", "spring")
 
 _F32 = np.float32
 _Arrays3 = tuple[np.ndarray, np.ndarray, np.ndarray]
 _Box = tuple[int, int, int, int]  # r0, r1, c0, c1: rows [r0, r1) x columns [c0, c1)
+_RGB = tuple[float, float, float]
+_Crop = tuple[str, _RGB, float, float]  # name, RGB, probability, stripe contrast
 
 # Agricultural cover types: name, RGB, probability, stripe contrast.
-_CROPS: tuple[tuple[str, tuple[int, int, int], float, float], ...] = (
+_CROPS: tuple[_Crop, ...] = (
     ("young cereal", (98, 130, 60), 0.16, 0.07),
     ("meadow", (112, 140, 70), 0.18, 0.03),
     ("ripe cereal", (184, 166, 110), 0.13, 0.07),
@@ -53,6 +69,7 @@ _CROPS: tuple[tuple[str, tuple[int, int, int], float, float], ...] = (
     ("rapeseed", (196, 184, 78), 0.03, 0.05),
     ("bare soil", (158, 132, 100), 0.06, 0.05),
 )
+_GRASSLAND = (1, 7)  # summer crops that stay grass all year (meadow, hay); the rest is arable
 _FOREST = ((56, 82, 44), (36, 56, 38), (46, 70, 42), (66, 90, 50))  # deciduous, conifer, mixed, young
 _PLOTS = ((104, 128, 72), (150, 146, 138), (84, 98, 62), (140, 126, 104), (120, 134, 84))
 _ROOFS = (
@@ -70,6 +87,110 @@ _WATER_SHALLOW = (70, 88, 74)
 _ASPHALT = {1: (124, 122, 118), 2: (96, 96, 98)}  # street, main road
 _TREE = (50, 74, 40)
 _MARGIN = (92, 112, 64)
+_MUD_WET = (86, 80, 66)  # shore uncovered by low water, next to the water line ...
+_MUD_DRY = (142, 130, 106)  # ... and where it has dried out
+_FLOOD = (92, 96, 78)  # turbid shallow water over flooded ground
+_SHORE_SLOPE = 0.15  # metres of depth gained per metre from the shore (rivers are flat-bottomed)
+
+
+@dataclass(frozen=True)
+class Look:
+    """How one season renders the world: light, atmosphere, vegetation colours and water level.
+
+    Tree palettes hold five colours: deciduous, conifer, mixed and young stands, then lone trees.
+    """
+
+    sun_azimuth_deg: float = SUN_AZIMUTH_DEG  # clockwise from north
+    sun_altitude_deg: float = SUN_ALTITUDE_DEG
+    ambient: float = AMBIENT
+    haze_share: float = HAZE_SHARE
+    haze_rgb: _RGB = HAZE_RGB
+    tint: _RGB | None = None  # white-balance gain of the sunlight; None: neutral
+    arable: tuple[_Crop, ...] | None = None  # new cover for arable parcels; None: keep the summer crops
+    grassland: tuple[_Crop, ...] = ()  # new cover for meadows and hay fields (with ``arable``)
+    trees: tuple[_RGB, ...] = (*_FOREST, _TREE)
+    trees_alt: tuple[_RGB, ...] | None = None  # second colour, mixed in crown by crown
+    trees_mix: tuple[float, ...] = (0.0,) * 5  # largest share of the second colour
+    leaf: tuple[float, ...] | None = None  # canopy density (scales its relief); None: full leaf
+    margin: _RGB = _MARGIN
+    plots: tuple[_RGB, ...] = _PLOTS
+    water_dz: float = 0.0  # water level change in metres: < 0 uncovers shores, > 0 floods flats
+
+
+LOOKS: dict[str, Look] = {
+    "summer": Look(),
+    "autumn": Look(
+        sun_azimuth_deg=200.0,
+        sun_altitude_deg=25.0,
+        ambient=0.45,
+        haze_share=0.16,
+        haze_rgb=(16.0, 16.0, 20.0),
+        tint=(1.05, 1.0, 0.9),
+        arable=(
+            ("stubble", (186, 170, 124), 0.22, 0.10),
+            ("ploughed", (118, 94, 72), 0.22, 0.18),
+            ("harrowed", (136, 112, 86), 0.12, 0.08),
+            ("winter cereal", (112, 118, 72), 0.12, 0.10),
+            ("dry maize", (150, 134, 80), 0.08, 0.09),
+            ("cover crop", (100, 124, 60), 0.08, 0.05),
+            ("wet soil", (96, 80, 64), 0.08, 0.12),
+            ("bare soil", (150, 126, 96), 0.08, 0.05),
+        ),
+        grassland=(("meadow", (118, 128, 72), 0.6, 0.03), ("aftermath", (140, 136, 86), 0.4, 0.05)),
+        trees=((100, 90, 52), (34, 52, 36), (68, 74, 44), (112, 102, 58), (104, 94, 52)),
+        trees_alt=((146, 100, 52), (44, 60, 40), (132, 92, 50), (150, 124, 64), (140, 104, 54)),
+        trees_mix=(0.8, 0.15, 0.6, 0.8, 0.7),
+        margin=(118, 116, 72),
+        plots=((110, 122, 70), (150, 146, 138), (96, 90, 60), (136, 118, 96), (124, 126, 80)),
+        water_dz=-0.45,
+    ),
+    "winter": Look(
+        sun_azimuth_deg=170.0,
+        sun_altitude_deg=18.0,
+        ambient=0.5,
+        haze_share=0.14,
+        haze_rgb=(18.0, 19.0, 24.0),
+        tint=(0.96, 0.99, 1.05),
+        arable=(
+            ("ploughed", (124, 108, 92), 0.28, 0.16),
+            ("wet ploughed", (92, 80, 70), 0.15, 0.14),
+            ("dormant cereal", (104, 112, 80), 0.25, 0.08),
+            ("grey stubble", (160, 150, 124), 0.12, 0.08),
+            ("bare soil", (140, 126, 108), 0.12, 0.05),
+            ("frosted field", (176, 174, 166), 0.08, 0.06),
+        ),
+        grassland=(("dormant meadow", (124, 126, 96), 0.6, 0.03), ("frosted meadow", (168, 170, 158), 0.4, 0.03)),
+        trees=((98, 88, 76), (32, 50, 36), (62, 68, 50), (112, 100, 84), (102, 92, 80)),
+        trees_alt=((126, 112, 94), (32, 50, 36), (110, 100, 84), (132, 120, 100), (128, 116, 98)),
+        trees_mix=(0.8, 0.0, 0.6, 0.8, 0.7),
+        leaf=(0.45, 1.0, 0.7, 0.4, 0.45),
+        margin=(120, 116, 96),
+        plots=((112, 114, 86), (150, 146, 138), (92, 88, 72), (132, 120, 104), (120, 118, 92)),
+        water_dz=0.15,
+    ),
+    "spring": Look(
+        sun_azimuth_deg=120.0,
+        sun_altitude_deg=45.0,
+        haze_share=0.08,
+        haze_rgb=(8.0, 11.0, 22.0),
+        arable=(
+            ("young cereal", (102, 142, 62), 0.26, 0.08),
+            ("rapeseed in flower", (204, 190, 72), 0.12, 0.04),
+            ("seedbed", (140, 116, 88), 0.18, 0.10),
+            ("ploughed", (122, 98, 76), 0.10, 0.16),
+            ("emerging crop", (122, 132, 80), 0.14, 0.12),
+            ("winter cereal", (88, 126, 58), 0.20, 0.07),
+        ),
+        grassland=(("fresh meadow", (110, 146, 72), 0.7, 0.03), ("dandelions", (140, 150, 76), 0.3, 0.03)),
+        trees=((84, 120, 56), (38, 60, 40), (66, 98, 50), (94, 128, 60), (90, 124, 58)),
+        trees_alt=((110, 140, 68), (38, 60, 40), (92, 122, 60), (116, 144, 70), (112, 140, 66)),
+        trees_mix=(0.5, 0.0, 0.4, 0.5, 0.5),
+        leaf=(0.85, 1.0, 0.9, 0.8, 0.85),
+        margin=(100, 146, 66),
+        plots=((100, 140, 66), (150, 146, 138), (82, 110, 58), (140, 126, 104), (116, 146, 76)),
+        water_dz=0.3,
+    ),
+}
 
 
 @dataclass
@@ -605,6 +726,7 @@ def _parcel_look(rng: np.random.Generator, n: int, mpp: float) -> dict[str, np.n
     angle = rng.uniform(0, np.pi, n)
     freq = 2 * np.pi / np.maximum(period_px, 1.0)
     return {
+        "crop": crop,
         "colour": colour,
         "kx": (freq * np.cos(angle)).astype(_F32),
         "ky": (freq * np.sin(angle)).astype(_F32),
@@ -702,31 +824,88 @@ def _ridge(h: int, w: int, mpp: float) -> np.ndarray:
     return np.broadcast_to(prof[None, :] if vertical else prof[:, None], (h, w))
 
 
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass
+class _Geometry:
+    """Everything a season's rendering needs that does not depend on the season."""
+
+    terrain: np.ndarray  # carved terrain, metres (without water, bridges and roofs)
+    water: np.ndarray  # all water, including under bridges
+    water_only: np.ndarray  # water not covered by a bridge
+    surface: np.ndarray  # water surface, metres (meaningful on ``water``)
+    depth: np.ndarray  # water depth plus 0.5 m, metres
+    urban: np.ndarray
+    roads: _Roads
+    buildings: _Buildings
+    cover: _Cover
+    elevation: np.ndarray
+    mpp: float
+
+
+@dataclass
+class _Canvas:
+    """Rendering inputs shared by every season, drawn from the main generator in summer's order."""
+
+    tone: np.ndarray  # slow brightness variation
+    plot_idx: np.ndarray  # garden plot colour index ...
+    plot_jitter: np.ndarray  # ... and brightness
+    crowns: np.ndarray  # tree crown bumps
+
+
+def _geometry(rng: np.random.Generator, size: int, mpp: float) -> _Geometry:
+    """Terrain, water, villages, roads, buildings and land cover, drawn from ``rng`` in a fixed order."""
+    terrain = _terrain(rng, size, mpp)
+    terrain, water, surface = _hydrology(rng, terrain, mpp)
+    settlements = _settlements(rng, water, mpp)
+    urban = _urban_mask(rng, settlements, size, mpp) & ~water
+    roads = _road_network(rng, settlements, urban, water, mpp)
+    b = _place_buildings(rng, roads, settlements, urban, water, mpp)
+    cover = _land_cover(rng, water, urban, mpp)
+    cover.trees &= (roads.cls == 0) & (b.ids == 0)
+    water_only = water & (roads.cls == 0)
+    depth = np.clip(surface - terrain, 0.0, None) + _F32(0.5)
+    elevation = _surface(terrain, water, surface, roads, b, mpp)
+    return _Geometry(terrain, water, water_only, surface, depth, urban, roads, b, cover, elevation, mpp)
+
+
+def _canvas(rng: np.random.Generator, cover: _Cover, mpp: float) -> _Canvas:
+    """Draw the season-independent rendering noise (same draws, same order as the summer render)."""
+    size = cover.trees.shape[0]
+    tone = _spectral_noise(rng, size, mpp, beta=2.0, outer_m=120.0, inner_m=6.0)
+    n_plots = int(cover.plots.max()) + 1
+    plot_idx = rng.integers(len(_PLOTS), size=n_plots)
+    plot_jitter = rng.uniform(0.85, 1.15, (n_plots, 1)).astype(_F32)
+    crowns = _blurred_noise(rng, size, 1.3 / mpp)
+    return _Canvas(tone, plot_idx, plot_jitter, crowns)
+
+
 # --------------------------------------------------------------------------- rendering
 
 
-def _sun_vector() -> tuple[float, float, float]:
+def _sun_vector(azimuth_deg: float, altitude_deg: float) -> tuple[float, float, float]:
     """Unit vector towards the sun in (east, south, up)."""
-    az, alt = math.radians(SUN_AZIMUTH_DEG), math.radians(SUN_ALTITUDE_DEG)
+    az, alt = math.radians(azimuth_deg), math.radians(altitude_deg)
     return math.cos(alt) * math.sin(az), -math.cos(alt) * math.cos(az), math.sin(alt)
 
 
-def _hillshade(height: np.ndarray, mpp: float) -> np.ndarray:
-    """Direct-light factor, 1 on flat ground, from the surface normal and the sun."""
+def _hillshade(height: np.ndarray, mpp: float, sun: tuple[float, float, float]) -> np.ndarray:
+    """Direct-light factor, 1 on flat ground, from the surface normal and the sun vector."""
     gs, ge = np.gradient(height, _F32(mpp))
-    se, ss, su = _sun_vector()
+    se, ss, su = sun
     cos_i = (-ge * _F32(se) - gs * _F32(ss) + _F32(su)) / np.sqrt(ge * ge + gs * gs + _F32(1.0))
     return np.clip(cos_i / _F32(su), 0.0, 1.6).astype(_F32)
 
 
-def _cast_shadow(height: np.ndarray, mpp: float, max_rise_m: float) -> np.ndarray:
+def _cast_shadow(height: np.ndarray, mpp: float, max_rise_m: float, sun: tuple[float, float, float]) -> np.ndarray:
     """Shadow strength 0..1: how far each pixel lies below the highest ray towards the sun.
 
     March pixel by pixel towards the sun, keeping the running max of ``height - distance *
     tan(altitude)``; only rises up to ``max_rise_m`` are traced.
     """
     size = height.shape[0]
-    se, ss, su = _sun_vector()
+    se, ss, su = sun
     horiz = math.hypot(se, ss)
     de, ds, tan_alt = se / horiz, ss / horiz, su / horiz
     steps = min(int(math.ceil(max_rise_m / tan_alt / mpp)), size - 1, 96)
@@ -745,7 +924,7 @@ def _cast_shadow(height: np.ndarray, mpp: float, max_rise_m: float) -> np.ndarra
     return np.clip((depth - _F32(0.15)) / _F32(0.8), 0.0, 1.0)
 
 
-def _paint(base: np.ndarray, mask: np.ndarray, colour: np.ndarray | tuple[float, float, float]) -> None:
+def _paint(base: np.ndarray, mask: np.ndarray, colour: np.ndarray | _RGB) -> None:
     """``base[mask] = colour`` for one RGB colour or one colour per masked pixel."""
     base[mask] = np.asarray(colour, _F32)
 
@@ -757,37 +936,81 @@ def _water_colours(depth: np.ndarray, tint: np.ndarray) -> np.ndarray:
     return np.asarray(_WATER_SHALLOW, _F32) * (1 - w) + np.asarray(_WATER_DEEP, _F32) * w
 
 
+def _pick_crops(rng: np.random.Generator, crops: tuple[_Crop, ...], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Colour (n, 3) and stripe contrast (n,) of ``n`` parcels drawn from a crop palette."""
+    probs = np.array([c[2] for c in crops])
+    pick = rng.choice(len(crops), n, p=probs / probs.sum())
+    return np.array([c[1] for c in crops], _F32)[pick], np.array([c[3] for c in crops], _F32)[pick]
+
+
+def _reseason_parcels(rng: np.random.Generator, look: Look, summer: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Parcel look with a new crop stage per parcel: grassland stays grass, arable gets ``look.arable``.
+
+    Row orientation, period and phase are the field's own and stay; the stripe contrast keeps the
+    parcel's summer gain over its crop's nominal contrast.
+    """
+    if look.arable is None:
+        return summer
+    crop = summer["crop"]
+    n = len(crop)
+    grass = np.isin(crop, _GRASSLAND)
+    arable_rgb, arable_stripe = _pick_crops(rng, look.arable, n)
+    grass_rgb, grass_stripe = _pick_crops(rng, look.grassland, n)
+    colour = np.where(grass[:, None], grass_rgb, arable_rgb)
+    colour *= rng.uniform(0.85, 1.12, (n, 1)).astype(_F32) * rng.uniform(0.94, 1.06, (n, 3)).astype(_F32)
+    gain = summer["contrast"] / np.array([c[3] for c in _CROPS], _F32)[crop]
+    out = dict(summer)
+    out["colour"] = colour
+    out["contrast"] = (gain * np.where(grass, grass_stripe, arable_stripe)).astype(_F32)
+    return out
+
+
+def _tree_kind(cover: _Cover) -> np.ndarray:
+    """Per pixel: forest stand type 0-3, or 4 for a lone tree (meaningful on ``cover.trees``)."""
+    return np.where(cover.forest, cover.look["stand"][cover.parcels.labels], 4)
+
+
+def _tree_colours(cover: _Cover, palette: tuple[_RGB, ...], tone: np.ndarray) -> np.ndarray:
+    """Colour of every tree pixel: its stand's colour and tone, or the flat lone-tree colour."""
+    lab = cover.parcels.labels[cover.trees]
+    col = np.array(palette[:4], _F32)[cover.look["stand"][lab]]
+    col *= (cover.look["stand_tone"][lab] * (1 + 0.1 * tone[cover.trees]))[:, None]
+    loose = cover.trees & ~cover.forest
+    col[loose[cover.trees]] = np.asarray(palette[4], _F32)
+    return col
+
+
+def _seasonal_trees(rng: np.random.Generator, cover: _Cover, look: Look, tone: np.ndarray, mpp: float) -> np.ndarray:
+    """Tree colours mixed crown by crown between the season's two palettes (autumn leaves, bare twigs)."""
+    col = _tree_colours(cover, look.trees, tone)
+    if look.trees_alt is None:
+        return col
+    size = tone.shape[0]
+    spread = min(1.0, 3.0 / mpp)  # coarse pixels average many crowns
+    share = np.clip(_F32(0.5) + _F32(0.35 * spread) * _blurred_noise(rng, size, 2.0 / mpp)[cover.trees], 0.0, 1.0)
+    share *= np.asarray(look.trees_mix, _F32)[_tree_kind(cover)[cover.trees]]
+    alt = _tree_colours(cover, look.trees_alt, tone)
+    col += share[:, None] * (alt - col)
+    return col
+
+
 def _base_colours(
-    rng: np.random.Generator,
-    cover: _Cover,
-    water: np.ndarray,
-    depth: np.ndarray,
-    roads: _Roads,
-    b: _Buildings,
-    urban: np.ndarray,
-    mpp: float,
+    rng: np.random.Generator, geo: _Geometry, canvas: _Canvas, look: Look, parcels: dict[str, np.ndarray]
 ) -> np.ndarray:
     """Unlit RGB (float32, 0-255 scale) of every pixel, layer by layer."""
-    size = water.shape[0]
-    tone = _spectral_noise(rng, size, mpp, beta=2.0, outer_m=120.0, inner_m=6.0)
-    lab = cover.parcels.labels
-    base = _field_colours(cover.parcels, cover.look, tone)
-    _paint(base, cover.margins, _MARGIN)
-    plot_col = np.array(_PLOTS, _F32)[rng.integers(len(_PLOTS), size=int(cover.plots.max()) + 1)]
-    plot_col *= rng.uniform(0.85, 1.15, (len(plot_col), 1)).astype(_F32)
-    ground = urban & ~cover.forest
+    cover, tone = geo.cover, canvas.tone
+    base = _field_colours(cover.parcels, parcels, tone)
+    _paint(base, cover.margins, look.margin)
+    plot_col = np.array(look.plots, _F32)[canvas.plot_idx]
+    plot_col *= canvas.plot_jitter
+    ground = geo.urban & ~cover.forest
     _paint(base, ground, plot_col[cover.plots[ground]] * (1 + 0.05 * tone[ground])[:, None])
-    look = cover.look
-    trees = cover.trees
-    forest_col = np.array(_FOREST, _F32)[look["stand"][lab[trees]]]
-    forest_col *= (look["stand_tone"][lab[trees]] * (1 + 0.1 * tone[trees]))[:, None]
-    loose = trees & ~cover.forest
-    forest_col[loose[trees]] = np.asarray(_TREE, _F32)
-    _paint(base, trees, forest_col)
-    _paint(base, water, _water_colours(depth[water], tone[water]))
+    _paint(base, cover.trees, _seasonal_trees(rng, cover, look, tone, geo.mpp))
+    _paint(base, geo.water_only, _water_colours(geo.depth[geo.water_only], tone[geo.water_only]))
     for cls, col in _ASPHALT.items():
-        m = roads.cls == cls
+        m = geo.roads.cls == cls
         _paint(base, m, np.asarray(col, _F32) * (1 + 0.04 * tone[m])[:, None])
+    b = geo.buildings
     if b.boxes:
         roofs = np.concatenate([np.zeros((1, 3), _F32), np.array(b.roofs, _F32)])
         m = b.ids > 0
@@ -795,74 +1018,139 @@ def _base_colours(
     return base
 
 
-def _canopy(cover: _Cover, rng: np.random.Generator, mpp: float) -> np.ndarray:
+def _shore_distance_m(water: np.ndarray, max_m: float, mpp: float) -> np.ndarray:
+    """Distance (metres, taxicab, capped near ``max_m``) from each water pixel's centre to the shore."""
+    dist = np.zeros(water.shape, _F32)
+    inner = water
+    for _ in range(min(64, int(math.ceil(max_m / mpp)) + 1)):
+        inner = ndimage.binary_erosion(inner, border_value=1)
+        if not inner.any():
+            break
+        dist += inner
+    return (dist + _F32(0.5)) * _F32(mpp)
+
+
+def _expose_shores(base: np.ndarray, geo: _Geometry, drop_m: float, tone: np.ndarray) -> None:
+    """Low water: paint shallow margins as mud, wet at the new water line and dry further up."""
+    dist = _shore_distance_m(geo.water, drop_m / _SHORE_SLOPE, geo.mpp)
+    depth = geo.depth - _F32(0.5) + _F32(_SHORE_SLOPE) * dist
+    dry = geo.water_only & (depth < _F32(drop_m))
+    wet = (depth[dry] / _F32(drop_m))[:, None]
+    mud = np.asarray(_MUD_DRY, _F32) + wet * (np.asarray(_MUD_WET, _F32) - np.asarray(_MUD_DRY, _F32))
+    _paint(base, dry, mud * (1 + 0.06 * tone[dry])[:, None])
+
+
+def _flood(base: np.ndarray, geo: _Geometry, rise_m: float) -> None:
+    """High water: open ground next to water and less than ``rise_m`` above it goes under."""
+    reach = 2 * max(1, int(math.ceil(20.0 / geo.mpp))) + 1
+    near = ndimage.maximum_filter(np.where(geo.water, geo.surface, _F32(-np.inf)), size=reach)
+    open_ground = ~geo.water & ~geo.cover.trees & ~geo.urban & (geo.roads.cls == 0) & (geo.buildings.ids == 0)
+    wet = open_ground & (geo.terrain < near + _F32(rise_m))
+    base[wet] = _F32(0.3) * base[wet] + _F32(0.7) * np.asarray(_FLOOD, _F32)
+
+
+def _canopy(cover: _Cover, crowns: np.ndarray, leaf: tuple[float, ...] | None, mpp: float) -> np.ndarray:
     """Tree canopy height (metres) with crown bumps, for shading only (not in the elevation band)."""
-    size = cover.trees.shape[0]
-    crowns = _blurred_noise(rng, size, 1.3 / mpp)
     height = np.where(cover.forest, cover.look["canopy"][cover.parcels.labels], _F32(9.0))
     canopy = cover.trees * (height + _F32(2.2) * crowns)
+    if leaf is not None:
+        canopy *= np.asarray(leaf, _F32)[_tree_kind(cover)]
     if mpp < 3.0:
         canopy = ndimage.gaussian_filter(canopy, 0.7 / mpp)
     return canopy.astype(_F32)
 
 
-def _render(
-    rng: np.random.Generator,
-    elevation: np.ndarray,
-    cover: _Cover,
-    water: np.ndarray,
-    depth: np.ndarray,
-    roads: _Roads,
-    b: _Buildings,
-    urban: np.ndarray,
-    mpp: float,
-) -> np.ndarray:
-    """Aerial image: base colours x (ambient + direct light x hillshade x sunlit), haze, sensor noise."""
-    size = elevation.shape[0]
-    base = _base_colours(rng, cover, water, depth, roads, b, urban, mpp)
-    relief = elevation + _canopy(cover, rng, mpp)
-    direct = _hillshade(relief, mpp) * (_F32(1.0) - _cast_shadow(relief, mpp, 45.0))
+def _light(geo: _Geometry, canvas: _Canvas, look: Look) -> np.ndarray:
+    """Irradiance factor per pixel: ambient + direct light x hillshade x (not in cast shadow)."""
+    sun = _sun_vector(look.sun_azimuth_deg, look.sun_altitude_deg)
+    relief = geo.elevation + _canopy(geo.cover, canvas.crowns, look.leaf, geo.mpp)
+    direct = _hillshade(relief, geo.mpp, sun) * (_F32(1.0) - _cast_shadow(relief, geo.mpp, 45.0, sun))
     del relief
-    light = _F32(AMBIENT) + _F32(1.0 - AMBIENT) * direct
-    del direct
-    base *= (_F32(1.0 - HAZE_SHARE) * light)[..., None]
-    base += np.asarray(HAZE_RGB, _F32)
+    return _F32(look.ambient) + _F32(1.0 - look.ambient) * direct
+
+
+def _render(rng: np.random.Generator, geo: _Geometry, canvas: _Canvas, look: Look) -> np.ndarray:
+    """Aerial image: base colours x light, water level, white balance, haze and sensor noise."""
+    size = geo.elevation.shape[0]
+    base = _base_colours(rng, geo, canvas, look, _reseason_parcels(rng, look, geo.cover.look))
+    if look.water_dz < 0:
+        _expose_shores(base, geo, -look.water_dz, canvas.tone)
+    elif look.water_dz > 0:
+        _flood(base, geo, look.water_dz)
+    base *= (_F32(1.0 - look.haze_share) * _light(geo, canvas, look))[..., None]
+    if look.tint is not None:
+        base *= np.asarray(look.tint, _F32)
+    base += np.asarray(look.haze_rgb, _F32)
     base += _F32(3.0) * rng.standard_normal((size, size, 1), dtype=_F32)
     base += _F32(1.5) * rng.standard_normal((size, size, 3), dtype=_F32)
     return np.clip(base + _F32(0.5), 0, 255).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- entry points
 
 
-def synthesize_world(size: int, seed: int, metres_per_pixel: float = 1.0) -> World:
+def _check_arguments(size: int, metres_per_pixel: float, seasons: Sequence[str]) -> None:
+    """Raise ``ValueError`` for a too small map, a non-positive pixel size or an unknown season."""
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if not metres_per_pixel > 0:
+        raise ValueError(f"metres_per_pixel must be positive, got {metres_per_pixel}")
+    for season in seasons:
+        if season not in SEASONS:
+            raise ValueError(f"unknown season {season!r}; choose one of {', '.join(SEASONS)}")
+
+
+def synthesize_worlds(
+    size: int, seed: int, metres_per_pixel: float = 1.0, seasons: Sequence[str] = SEASONS
+) -> dict[str, World]:
+    """Generate one deterministic world and render it in each of ``seasons``.
+
+    The geometry is built once; each season costs one rendering. All worlds share the same
+    elevation, water, road and building arrays (as separate copies); ``"summer"`` equals
+    ``synthesize_world(size, seed, metres_per_pixel)``.
+
+    Args:
+        size: side of the square world in pixels (at least 16; 64 to 8192 is the tested range).
+        seed: seed of the random generators; equal inputs give byte-identical output.
+        metres_per_pixel: ground sample distance; all features are sized in metres.
+        seasons: names from :data:`SEASONS` (a repeated name is rendered once).
+
+    Returns:
+        The worlds by season name, in the order asked for.
+    """
+    if isinstance(seasons, str):
+        seasons = (seasons,)
+    _check_arguments(size, metres_per_pixel, seasons)
+    mpp = float(metres_per_pixel)
+    rng = np.random.default_rng(seed)
+    geo = _geometry(rng, size, mpp)
+    canvas = _canvas(rng, geo.cover, mpp)
+    worlds: dict[str, World] = {}
+    for season in dict.fromkeys(seasons):
+        render_rng = rng if season == "summer" else np.random.default_rng([seed, SEASONS.index(season)])
+        copy = bool(worlds)
+        worlds[season] = World(
+            rgb=_render(render_rng, geo, canvas, LOOKS[season]),
+            elevation=geo.elevation.copy() if copy else geo.elevation,
+            water=geo.water_only.copy() if copy else geo.water_only,
+            roads=geo.roads.cls > 0,
+            buildings=geo.buildings.ids > 0,
+        )
+    return worlds
+
+
+def synthesize_world(size: int, seed: int, metres_per_pixel: float = 1.0, season: str = "summer") -> World:
     """Generate and render a deterministic world ``size`` x ``size`` pixels.
 
     Args:
         size: side of the square world in pixels (at least 16; 64 to 8192 is the tested range).
-        seed: seed of the only random generator used; equal inputs give byte-identical output.
+        seed: seed of the random generators; equal inputs give byte-identical output.
         metres_per_pixel: ground sample distance; all features are sized in metres.
+        season: one of :data:`SEASONS`; every season shows the same geometry in its own light,
+            vegetation and water level.
 
     Returns:
         The rendered image with its elevation (terrain, bridges and roofs), water, road and
         building masks.
     """
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
-    if not metres_per_pixel > 0:
-        raise ValueError(f"metres_per_pixel must be positive, got {metres_per_pixel}")
-    mpp = float(metres_per_pixel)
-    rng = np.random.default_rng(seed)
-    terrain = _terrain(rng, size, mpp)
-    terrain, water, surface = _hydrology(rng, terrain, mpp)
-    settlements = _settlements(rng, water, mpp)
-    urban = _urban_mask(rng, settlements, size, mpp) & ~water
-    roads = _road_network(rng, settlements, urban, water, mpp)
-    b = _place_buildings(rng, roads, settlements, urban, water, mpp)
-    cover = _land_cover(rng, water, urban, mpp)
-    cover.trees &= (roads.cls == 0) & (b.ids == 0)
-    water_only = water & (roads.cls == 0)
-    depth = np.clip(surface - terrain, 0.0, None) + _F32(0.5)
-    elevation = _surface(terrain, water, surface, roads, b, mpp)
-    rgb = _render(rng, elevation, cover, water_only, depth, roads, b, urban, mpp)
-    return World(rgb=rgb, elevation=elevation, water=water_only, roads=roads.cls > 0, buildings=b.ids > 0)
+    return synthesize_worlds(size, seed, metres_per_pixel, (season,))[season]
