@@ -53,7 +53,7 @@ def test_file_geotiff_with_nodata(tmp_path: Path) -> None:
         rgb = np.maximum(m.rgb, 1)
         rgb[~m.valid] = 0
         dst.write(np.moveaxis(rgb, -1, 0))
-    params = tiny_params(fetch={"source": "file", "path": str(src)}, tile={"view_size": 16})
+    params = tiny_params(fetch={"source": "file", "path": str(src), "queries": []}, tile={"view_size": 16})
     run_fetch(params, tmp_path / "out", tmp_path / "m.json")
     out = read_map(tmp_path / "out" / "map.tif")
     assert out.crs == m.crs and out.transform == m.transform
@@ -65,7 +65,8 @@ def test_file_geotiff_with_nodata(tmp_path: Path) -> None:
 def test_file_plain_jpeg_gets_pixel_grid_and_resample(tmp_path: Path) -> None:
     jpg = tmp_path / "photo.jpg"
     iio.imwrite(jpg, textured_rgb(120, seed=3))
-    params = tiny_params(fetch={"source": "file", "path": str(jpg), "resample": 0.5}, tile={"view_size": 16})
+    fetch = {"source": "file", "path": str(jpg), "resample": 0.5, "queries": []}
+    params = tiny_params(fetch=fetch, tile={"view_size": 16})
     run_fetch(params, tmp_path / "out", tmp_path / "m.json")
     meta = json.loads((tmp_path / "out" / "map.json").read_text())
     assert meta["crs"] is None and meta["georeferenced"] is False
@@ -78,7 +79,7 @@ def test_corrupt_image_is_clear_and_keeps_outputs(tmp_path: Path) -> None:
     (out / "map.tif").write_bytes(b"earlier output")
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"II*\x00 this is not a tiff")
-    params = tiny_params(fetch={"source": "file", "path": str(bad)})
+    params = tiny_params(fetch={"source": "file", "path": str(bad), "queries": []})
     with pytest.raises(InputError, match="broken.tif"):
         run_fetch(params, out, tmp_path / "m.json")
     assert (out / "map.tif").read_bytes() == b"earlier output"
@@ -86,7 +87,7 @@ def test_corrupt_image_is_clear_and_keeps_outputs(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_clear(tmp_path: Path) -> None:
-    params = tiny_params(fetch={"source": "file", "path": str(tmp_path / "nope.png")})
+    params = tiny_params(fetch={"source": "file", "path": str(tmp_path / "nope.png"), "queries": []})
     with pytest.raises(InputError, match="does not exist"):
         run_fetch(params, tmp_path / "out", tmp_path / "m.json")
 
@@ -99,7 +100,7 @@ def _snapshot(*folders: Path) -> dict[str, bytes]:
     "bad",
     [
         {"fetch": {"size": 64}, "tile": {"view_size": 100, "block_size": 256}},  # a view larger than the map
-        {"fetch": {"source": "file", "path": "ALLNODATA"}, "tile": {"view_size": 16}},
+        {"fetch": {"source": "file", "path": "ALLNODATA", "queries": []}, "tile": {"view_size": 16}},
     ],
 )
 def test_a_failed_fetch_leaves_the_previous_map_and_metrics(tmp_path: Path, bad: dict) -> None:
@@ -135,7 +136,7 @@ def test_an_image_too_large_for_memory_is_refused_before_reading(tmp_path: Path)
     with rasterio.open(huge, "w", **profile, tiled=True, compress="deflate", sparse_ok=True) as dst:
         dst.write(np.ones((3, 16, 16), np.uint8), window=rasterio.windows.Window(0, 0, 16, 16))
     assert huge.stat().st_size < 10_000_000
-    params = tiny_params(fetch={"source": "file", "path": str(huge)}, tile={"view_size": 16})
+    params = tiny_params(fetch={"source": "file", "path": str(huge), "queries": []}, tile={"view_size": 16})
     with pytest.raises(InputError, match=r"200000x200000.*GiB.*fetch.resample"):
         run_fetch(params, tmp_path / "out", tmp_path / "m.json")
 
