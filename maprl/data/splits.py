@@ -28,3 +28,19 @@ def with_validation(targets: pd.DataFrame, fraction: float, seed: int) -> pd.Dat
     val = hold_out(groups[train], fraction, np.random.default_rng([seed, 1]))
     out.loc[train & np.isin(groups, val), "split"] = "val"
     return out
+
+
+def test_area(targets: pd.DataFrame, shape: tuple[int, int], view_size: int, block_size: int) -> np.ndarray:
+    """(H, W) bool: the pixels a test photo may show. Whole test blocks in spatial mode (``block`` >= 0),
+    else each test target's view."""
+    area = np.zeros(shape, bool)
+    test = targets[targets["split"] == "test"]
+    blocks = test["block"].to_numpy() if "block" in test else np.full(len(test), -1)
+    nbx = -(-shape[1] // block_size)
+    for b in np.unique(blocks[blocks >= 0]):
+        r, c = divmod(int(b), nbx)
+        area[r * block_size : (r + 1) * block_size, c * block_size : (c + 1) * block_size] = True
+    for x, y in test.loc[blocks < 0, ["x", "y"]].to_numpy(float):
+        x0, y0 = int(np.floor(x - view_size / 2 + 0.5)), int(np.floor(y - view_size / 2 + 0.5))
+        area[max(0, y0) : y0 + view_size, max(0, x0) : x0 + view_size] = True
+    return area

@@ -11,6 +11,16 @@ Split modes:
   crop, so test success measures finding places the agent never saw as targets.
 * ``random``: the original design; test crops anywhere, so they often overlap training
   crops and test numbers flatter the agent.
+
+Query domains (``fetch.queries``, written by fetch under ``data/map/queries/``): a target is
+only placed where its view has imagery in the map *and* in every query domain, and its photo
+is cut from each domain at the same map pixel (``crops/<domain>/``). ``domains.csv`` lists
+the domains, ``same`` (the map itself) first.
+
+Informativeness floor (``tile.min_texture``): a place whose view has a mean grey gradient
+(:func:`texture`) below the floor (open water, bare uniform fields, cloud) is never a target;
+no method can localise a photo of nothing. The share of candidate centres it removes is in
+the metrics.
 """
 
 from __future__ import annotations
@@ -26,8 +36,9 @@ from tqdm.auto import tqdm
 
 from maprl.config import Params, TileParams
 from maprl.errors import InputError
-from maprl.views import crop_views, valid_centres, view_origin
+from maprl.views import crop_views, integral_image, valid_centres, view_origin
 from maprl.data.geo import MapData, read_map
+from maprl.data.queries import query_names, read_query
 from maprl.data.splits import hold_out
 from maprl.io import atomic_path, staged_dir, write_metrics
 
@@ -104,14 +115,33 @@ def texture(views: np.ndarray) -> np.ndarray:
     return gx + gy
 
 
-def write_crops(m: MapData, targets: pd.DataFrame, view: int, crops_dir: Path | None) -> np.ndarray:
-    """Read target pixels; write one PNG per target when ``crops_dir`` is given. Returns texture."""
+def texture_map(rgb: np.ndarray, view: int) -> np.ndarray:
+    """(H, W) :func:`texture` of the view centred on every pixel (0 where no whole view fits)."""
+    grey = rgb.astype(np.float32).mean(axis=-1)
+    h, w = grey.shape
+    out = np.zeros((h, w), np.float32)
+    if view > h or view > w:
+        return out
+    sx = integral_image(np.abs(np.diff(grey, axis=1)))  # (H+1, W)
+    sy = integral_image(np.abs(np.diff(grey, axis=0)))  # (H, W+1)
+    v = view
+    tx = sx[v:, v - 1 :] - sx[:-v, v - 1 :] - sx[v:, : -(v - 1)] + sx[:-v, : -(v - 1)]
+    ty = sy[v - 1 :, v:] - sy[: -(v - 1), v:] - sy[v - 1 :, :-v] + sy[: -(v - 1), :-v]
+    n = h - v + 1, w - v + 1
+    tex = tx[: n[0], : n[1]] / (v * (v - 1)) + ty[: n[0], : n[1]] / (v * (v - 1))
+    half = v // 2
+    out[half : half + n[0], half : half + n[1]] = tex
+    return out
+
+
+def write_crops(rgb: np.ndarray, targets: pd.DataFrame, view: int, crops_dir: Path | None) -> np.ndarray:
+    """Read target pixels of ``rgb``; write one PNG per target when ``crops_dir`` is given. Returns texture."""
     tex = np.empty(len(targets))
     if crops_dir is not None:
         crops_dir.mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(targets), 64), desc="crops", unit="batch", leave=False):
         rows = targets.iloc[start : start + 64]
-        views = crop_views(m.rgb, rows["x"].to_numpy(), rows["y"].to_numpy(), view)
+        views = crop_views(rgb, rows["x"].to_numpy(), rows["y"].to_numpy(), view)
         tex[start : start + len(rows)] = texture(views)
         if crops_dir is not None:
             for tid, v in zip(rows["id"], views, strict=True):
@@ -119,13 +149,56 @@ def write_crops(m: MapData, targets: pd.DataFrame, view: int, crops_dir: Path | 
     return tex
 
 
-def build_targets(m: MapData, p: TileParams, seed: int, crops_dir: Path | None) -> pd.DataFrame:
-    ok = valid_centres(m.valid, p.view_size)
+Domains = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Query domains by name: (rgb (H, W, 3) uint8, valid (H, W) bool) on the map's grid."""
+
+
+def candidate_centres(m: MapData, p: TileParams, domains: Domains) -> tuple[np.ndarray, dict[str, float]]:
+    """Centres a target may take: whole views valid in the map and every domain, above the texture floor.
+
+    Also returns what each rule removed, as shares of the map's valid view centres.
+    """
+    valid = m.valid.copy()
+    for _, dvalid in domains.values():
+        valid &= dvalid
+    ok_map = valid_centres(m.valid, p.view_size)
+    ok = valid_centres(valid, p.view_size)
+    base = max(int(ok_map.sum()), 1)
+    skipped = {"query_nodata": float((ok_map & ~ok).sum() / base)}
+    if p.min_texture > 0:
+        flat = ok & (texture_map(m.rgb, p.view_size) < p.min_texture)
+        ok &= ~flat
+        skipped["low_texture"] = float(flat.sum() / base)
+    else:
+        skipped["low_texture"] = 0.0
+    if not ok.any():
+        raise InputError(
+            f"no {p.view_size}px view has imagery in the map and every query domain with texture >= "
+            f"tile.min_texture {p.min_texture}; lower tile.min_texture or tile.view_size, or check fetch.queries"
+        )
+    return ok, skipped
+
+
+def build_targets(
+    m: MapData, p: TileParams, seed: int, crops_dir: Path | None, domains: Domains | None = None
+) -> pd.DataFrame:
+    """The targets table (:data:`COLUMNS`); with ``crops_dir``, each target's photo from the map and every domain."""
+    domains = domains or {}
+    ok, skipped = candidate_centres(m, p, domains)
     targets = sample_targets(ok, p, np.random.default_rng(seed))
     lon, lat = m.pixel_to_lonlat(targets["x"].to_numpy(), targets["y"].to_numpy())
     targets["lon"], targets["lat"] = lon, lat
-    targets["texture"] = write_crops(m, targets, p.view_size, crops_dir)
+    targets["texture"] = write_crops(m.rgb, targets, p.view_size, crops_dir)
+    for name, (rgb, _) in domains.items():
+        write_crops(rgb, targets, p.view_size, crops_dir / name if crops_dir is not None else None)
+    targets.attrs["skipped"] = skipped
     return targets[COLUMNS]
+
+
+def read_domains(map_path: str | Path, m: MapData) -> Domains:
+    """Every query domain that fetch wrote beside ``map_path``."""
+    folder = Path(map_path).parent
+    return {name: read_query(folder, name) for name in query_names(folder)}
 
 
 def read_targets(path: str | Path, m: MapData | None = None, view_size: int | None = None) -> pd.DataFrame:
@@ -163,9 +236,13 @@ def check_targets(targets: pd.DataFrame, path: str | Path) -> None:
         values = pd.to_numeric(targets[col], errors="coerce").to_numpy(float)
         if not np.all(np.isfinite(values)):
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise InputError(f"targets {path}: column {col} must hold finite numbers (row {bad}: {targets[col].iat[bad]!r})")
+            raise InputError(
+                f"targets {path}: column {col} must hold finite numbers (row {bad}: {targets[col].iat[bad]!r})"
+            )
     if targets["id"].duplicated().any():
-        raise InputError(f"targets {path}: ids must be unique (id {targets['id'][targets['id'].duplicated()].iat[0]} repeats)")
+        raise InputError(
+            f"targets {path}: ids must be unique (id {targets['id'][targets['id'].duplicated()].iat[0]} repeats)"
+        )
     unknown = sorted(set(targets["split"].astype(str)) - {"train", "test"})
     if unknown:
         raise InputError(f"targets {path}: split must be train or test, found {', '.join(unknown)}")
@@ -186,9 +263,13 @@ def run_tile(
     t0 = time.perf_counter()
     m = read_map(map_path)
     p = params.tile
+    domains = read_domains(map_path, m)
     with staged_dir(out_dir) as out:
-        targets = build_targets(m, p, params.base.seed, out / "crops" if p.write_crops else None)
+        targets = build_targets(m, p, params.base.seed, out / "crops" if p.write_crops else None, domains)
         targets.to_csv(out / "targets.csv", index=False, float_format="%.7f")
+        pd.DataFrame({"domain": ["same", *domains], "crops": ["crops", *(f"crops/{d}" for d in domains)]}).to_csv(
+            out / "domains.csv", index=False
+        )
         write_preview(m, targets, p.view_size, out / "preview.png")
     counts = targets["split"].value_counts()
     metrics = {
@@ -197,6 +278,9 @@ def run_tile(
         "test_fraction": float(counts.get("test", 0) / len(targets)),
         "mode": p.mode,
         "n_test_blocks": int(targets.loc[targets["split"] == "test", "block"].nunique()) if p.mode == "spatial" else 0,
+        "domains": ["same", *domains],
+        "skipped_view_centres": {k: round(v, 6) for k, v in targets.attrs["skipped"].items()},
+        "min_texture": p.min_texture,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_metrics(metrics_path, timing_path, metrics)
