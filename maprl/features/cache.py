@@ -311,6 +311,7 @@ class EncoderFeatures:
         matrix = np.zeros((0, 0), np.float32) if proj.matrix is None else proj.matrix
         arrays: dict[str, Any] = {"grid": self.grid, "node_ok": self.node_ok, "mean": proj.mean, "matrix": matrix}
         arrays |= {"xs": self.xs, "ys": self.ys, "kind": np.array(self.encoder.kind), "name": np.array(self.name)}
+        arrays["local_norm"] = np.array(self.encoder.local_norm)
         arrays |= {
             f"pooling_{k}": np.array(getattr(pl, k))
             for k in ("view_size", "input_size", "net_stride", "border", "grid")
@@ -366,11 +367,21 @@ def map_views(m: MapData, view_size: int, n: int, seed: int) -> np.ndarray:
     return crop_views(m.rgb, xs, ys, view_size)
 
 
-def train_encoder(p: EncoderParams, m: MapData, view_size: int, seed: int) -> tuple[Encoder, list[float]]:
-    """Build the encoder of ``p`` and, for ``ssl`` weights, pretrain it; returns it and the loss curve."""
+def train_encoder(
+    p: EncoderParams,
+    m: MapData,
+    view_size: int,
+    seed: int,
+    domains: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    forbidden: np.ndarray | None = None,
+) -> tuple[Encoder, list[float]]:
+    """Build the encoder of ``p`` and, for ``ssl`` weights, pretrain it; returns it and the loss curve.
+
+    ``domains`` and ``forbidden`` (the test area) feed SSL's cross-domain pairs (:func:`pretrain_ssl`).
+    """
     configure_torch(p.torch_threads)
-    encoder = build_encoder(p.kind, p.weights, seed, p.weights_path)
-    losses = pretrain_ssl(encoder, m.rgb, m.valid, view_size, p, seed) if p.weights == "ssl" else []
+    encoder = build_encoder(p.kind, p.weights, seed, p.weights_path, p.local_norm * p.input_size)
+    losses = pretrain_ssl(encoder, m.rgb, m.valid, view_size, p, seed, domains, forbidden) if p.weights == "ssl" else []
     if p.weights != "imagenet":
         recalibrate_batchnorm(encoder, map_views(m, view_size, 256, seed), p.input_size)
     return encoder, losses
@@ -445,7 +456,7 @@ def _load_encoder_space(out_dir: Path, data: dict[str, Any]) -> EncoderFeatures:
             f"encoder weights {ckpt} are damaged ({type(err).__name__}: {str(err)[:120]}); "
             "rerun `dvc repro encode` (or `dvc checkout data/features`)"
         ) from None
-    encoder = build_encoder(str(data["kind"]), "random")
+    encoder = build_encoder(str(data["kind"]), "random", local_norm=float(data.get("local_norm", 0.0)))
     encoder.load_state_dict(state["state_dict"])
     geometry = {k: int(data[f"pooling_{k}"]) for k in ("view_size", "input_size", "net_stride", "border", "grid")}
     matrix = data["matrix"] if data["matrix"].size else None

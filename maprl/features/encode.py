@@ -1,13 +1,16 @@
 """The ``encode`` stage: build (and for ``ssl`` pretrain) the encoder, cache it over the map, calibrate the stop rule.
 
 Outputs in ``out_dir``: ``cache.npz`` and ``encoder.pt`` (see :mod:`maprl.features.cache`),
-``calibration.json`` (the stop threshold and what it does) and ``ssl_loss.csv``; plus the
-metrics JSON:
+``calibration.json`` (the stop threshold and what it does), ``ssl_loss.csv`` and
+``photos.npz`` (every target's photo from the map and from each query domain, embedded at
+its best of ``heading_search`` headings: :mod:`maprl.features.photos`); plus the metrics JSON:
 
 * ``cache_agreement``: cosine between the cached ``embed_at`` and the exact ``embed_view``
   of the same crop, at random valid positions (mostly off the grid) and at grid nodes;
 * ``retrieval_accuracy``: share of targets whose nearest cached grid embedding lies within
-  the success radius of the truth, per split;
+  the success radius of the truth, per split (photos from the map itself);
+* ``retrieval_by_domain``: the same per query domain (``same`` is the map), with the share of
+  photos whose heading search kept the true (unrotated) heading;
 * ``far_pair_similarity``: similarity of unrelated views (more than one view apart) in raw
   pixels (high, as all pixels are positive) and in the encoder's space;
 * ``stop``: the calibration below.
@@ -35,23 +38,30 @@ import pandas as pd
 
 from maprl.config import EncoderParams, Params
 from maprl.data.geo import MapData, read_map
-from maprl.data.tile import read_targets
+from maprl.data.splits import test_area
+from maprl.data.tile import Domains, read_domains, read_targets
 from maprl.features.cache import ENCODER_FILE, MapSpace, PooledGrid, build_space, save_encoder, train_encoder
+from maprl.features.memory import MapMemory
 from maprl.features.nets import configure_torch
-from maprl.features.spaces import FeatureSpace
+from maprl.features.photos import PHOTOS_FILE, Embedded, embed_photos, save_photo_embeddings, target_photos
 from maprl.io import atomic_path, staged_dir, write_json, write_metrics
 from maprl.views import crop_views, far_pairs, pixel_cosine, valid_centres
 
 
 # -- building ------------------------------------------------------------------------------
-def encode_map(p: EncoderParams, m: MapData, view_size: int, seed: int) -> tuple[MapSpace, dict[str, Any]]:
-    """Train (ssl) and cache the encoder of ``p`` on ``m``; returns the space and timings / loss curve."""
+def encode_map(
+    p: EncoderParams, m: MapData, view_size: int, seed: int, domains: Domains | None = None,
+    forbidden: np.ndarray | None = None,
+) -> tuple[MapSpace, dict[str, Any]]:  # fmt: skip
+    """Train (ssl) and cache the encoder of ``p`` on ``m``; returns the space and timings / loss curve.
+
+    ``domains`` and ``forbidden`` (the test area) give SSL its cross-domain pairs."""
     configure_torch(p.torch_threads)
     t0 = time.perf_counter()
     if p.kind == "pooled":
         space: MapSpace = PooledGrid(m, view_size, p.cache_stride)
         return space, {"seconds_ssl": 0.0, "seconds_cache": time.perf_counter() - t0, "ssl_loss": []}
-    encoder, losses = train_encoder(p, m, view_size, seed)
+    encoder, losses = train_encoder(p, m, view_size, seed, list((domains or {}).values()), forbidden)
     t1 = time.perf_counter()
     space = build_space(p, encoder, m, view_size)
     return space, {"seconds_ssl": t1 - t0, "seconds_cache": time.perf_counter() - t1, "ssl_loss": losses}
@@ -82,10 +92,32 @@ def cache_agreement(space: MapSpace, m: MapData, rng: np.random.Generator, n: in
     }
 
 
-def target_embeddings(space: FeatureSpace, m: MapData, targets: pd.DataFrame) -> np.ndarray:
-    """``embed_view`` of each target's crop: (T, D)."""
+def photo_embeddings(
+    space: MapSpace, m: MapData, targets: pd.DataFrame, domains: Domains, n_headings: int, radius: float
+) -> dict[str, Embedded]:
+    """Every target's photo from the map (``same``) and each query domain, embedded at its best heading."""
+    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
     xy = targets[["x", "y"]].to_numpy(float)
-    return space.embed_view(crop_views(m.rgb, xy[:, 0], xy[:, 1], space.view_size))
+    sources = {"same": m.rgb, **{name: rgb for name, (rgb, _) in domains.items()}}
+    return {
+        name: embed_photos(space, memory, target_photos(rgb, xy, space.view_size), n_headings)
+        for name, rgb in sources.items()
+    }
+
+
+def domain_retrieval(
+    space: MapSpace, targets: pd.DataFrame, photos: dict[str, Embedded], radius: float
+) -> dict[str, dict[str, float]]:
+    """Retrieval top-1 per domain and split, and the share of photos kept at their true heading."""
+    xy, split = targets[["x", "y"]].to_numpy(float), targets["split"].to_numpy()
+    out = {}
+    for name, e in photos.items():
+        row = {
+            s: retrieval_accuracy(space, e.embeddings[split == s], xy[split == s], radius) for s in ("train", "test")
+        }
+        row["heading_kept"] = float(np.mean(e.heading_deg == 0)) if len(e.heading_deg) else float("nan")
+        out[name] = row
+    return out
 
 
 def retrieval_accuracy(space: MapSpace, queries: np.ndarray, truth: np.ndarray, radius: float) -> float:
@@ -179,21 +211,25 @@ def _rate(sims: np.ndarray, threshold: float) -> float:
 
 
 # -- the stage -----------------------------------------------------------------------------
-def _split(space: MapSpace, m: MapData, targets: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = targets[targets["split"] == split]
-    return target_embeddings(space, m, rows), rows[["x", "y"]].to_numpy(float)
+def _split(targets: pd.DataFrame, emb: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = (targets["split"] == split).to_numpy()
+    return emb[rows], targets.loc[rows, ["x", "y"]].to_numpy(float)
 
 
 def measure(
-    space: MapSpace, m: MapData, targets: pd.DataFrame, p: EncoderParams, seed: int, radius: float | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    space: MapSpace, m: MapData, targets: pd.DataFrame, p: EncoderParams, seed: int, radius: float | None = None,
+    photos: dict[str, Embedded] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Quality metrics of a cached space and its stop calibration: (metrics, calibration).
 
-    ``radius`` is the success radius (default ``view_size / 4``).
+    ``radius`` is the success radius (default ``view_size / 4``); ``photos`` the target photos by
+    domain (default: the map's own, as they are).
     """
     rng = np.random.default_rng([seed, 11])
     radius = radius or space.view_size / 4
-    train, test = _split(space, m, targets, "train"), _split(space, m, targets, "test")
+    photos = photos or photo_embeddings(space, m, targets, {}, 1, radius)
+    same = photos["same"].embeddings
+    train, test = _split(targets, same, "train"), _split(targets, same, "test")
     calibration = calibrate_stop(space, m, train, test, radius, p)
     metrics = {
         "dim": int(space.dim),
@@ -204,13 +240,18 @@ def measure(
             "test": retrieval_accuracy(space, *test, radius),
             "radius": radius,
         },
+        "retrieval_by_domain": domain_retrieval(space, targets, photos, radius),
         "far_pair_similarity": far_pair_similarity(space, m, rng),
     }
     return metrics, calibration
 
 
-def _save_outputs(space: MapSpace, out: Path, calibration: dict[str, Any], losses: list[float]) -> None:
+def _save_outputs(
+    space: MapSpace, out: Path, calibration: dict[str, Any], losses: list[float], targets: pd.DataFrame,
+    photos: dict[str, Embedded], n_headings: int,
+) -> None:  # fmt: skip
     space.save(out)
+    save_photo_embeddings(out / PHOTOS_FILE, targets["id"].to_numpy(), photos, n_headings)
     if isinstance(space, PooledGrid):  # keep the stage's outputs the same for every kind
         save_encoder(out / ENCODER_FILE, "pooled", {})
     write_json(out / "calibration.json", calibration)
@@ -233,17 +274,32 @@ def run_encode(
     p, view, seed = params.encoder, params.tile.view_size, params.base.seed
     m = read_map(map_path)
     targets = read_targets(targets_path, m, view)
-    space, info = encode_map(p, m, view, seed)
-    metrics, calibration = measure(space, m, targets, p, seed, params.evaluate.success_radius)
+    domains = read_domains(map_path, m)
+    forbidden = test_area(targets, (m.height, m.width), view, params.tile.block_size)
+    space, info = encode_map(p, m, view, seed, domains, forbidden)
+    t1 = time.perf_counter()
+    radius = params.evaluate.success_radius
+    photos = photo_embeddings(space, m, targets, domains, p.heading_search, radius)
+    info["seconds_photos"] = time.perf_counter() - t1
+    metrics, calibration = measure(space, m, targets, p, seed, radius, photos)
     with staged_dir(out_dir) as tmp:
-        _save_outputs(space, tmp, calibration, info["ssl_loss"])
+        _save_outputs(space, tmp, calibration, info["ssl_loss"], targets, photos, p.heading_search)
     losses = info["ssl_loss"]
     metrics.update(
-        encoder={"kind": p.kind, "weights": p.weights, "input_size": p.input_size, "cache_stride": p.cache_stride},
+        encoder={
+            "kind": p.kind,
+            "weights": p.weights,
+            "input_size": p.input_size,
+            "cache_stride": p.cache_stride,
+            "augment": p.augment,
+            "cross_domain": p.cross_domain,
+            "heading_search": p.heading_search,
+        },
         seconds={
             "total": round(time.perf_counter() - t0, 2),
             "ssl": round(info["seconds_ssl"], 2),
             "cache": round(info["seconds_cache"], 2),
+            "photos": round(info["seconds_photos"], 2),
         },
         ssl={"steps": len(losses), "loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])},
         stop={k: calibration[k] for k in ("stop_threshold", "near_recall", "far_pass_rate", "median_similarity_0px")},

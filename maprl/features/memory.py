@@ -33,6 +33,11 @@ class MapMemory:
             chosen.append(chosen[-1])
         return np.array(chosen)
 
+    def best_similarity(self, emb: np.ndarray, batch: int = 256) -> np.ndarray:
+        """(N,) similarity of each query's best match anywhere in the memory."""
+        emb = np.atleast_2d(emb).astype(np.float32)
+        return np.concatenate([(emb[i : i + batch] @ self.embeddings.T).max(axis=1) for i in range(0, len(emb), batch)])
+
     def query(self, emb: np.ndarray, k: int = 3, pool: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` separated candidates for each query: positions (N, k, 2) and similarities (N, k)."""
         emb = np.atleast_2d(emb).astype(np.float32)

@@ -10,6 +10,10 @@ A fully convolutional trunk followed by global average pooling:
 * ``impala_cnn``: IMPALA's residual CNN (3 stages of conv, max-pool /2 and two residual
   blocks; 16, 32, 32 channels), stride 8, then a 1x1 conv to D = 256.
 
+With ``local_norm`` > 0 every encoder first standardises its input locally (:class:`LocalNorm`:
+each channel minus its Gaussian-weighted local mean, over its local standard deviation), so a
+photo that is brighter, less contrasted or colour-cast gives nearly the same features as the map.
+
 BatchNorm statistics of a ``random``/``ssl`` MobileNetV2 are re-estimated on map views
 (AdaBN, :func:`recalibrate_batchnorm`), as its default running statistics fit no real input.
 """
@@ -47,9 +51,33 @@ class Encoder(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.kind, self.dim, self.stride = kind, dim, stride
+        self.local_norm = 0.0  # LocalNorm sigma in input pixels (0: none); see build_encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x).mean(dim=(2, 3))
+
+
+class LocalNorm(nn.Module):
+    """Local standardisation per channel: ``(x - G*x) / sqrt(G*(x - G*x)^2 + eps^2)``, G a Gaussian of
+    ``sigma`` input pixels (separable, edges replicated). No weights: a fixed first layer."""
+
+    def __init__(self, sigma: float, eps: float = 0.1) -> None:
+        super().__init__()
+        radius = max(1, int(3 * sigma))
+        t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        self.kernel = (k / k.sum()).view(1, 1, 1, -1)  # a plain attribute: not in the state dict
+        self.radius, self.eps = radius, eps
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        c, r = x.shape[1], self.radius
+        kx = self.kernel.expand(c, 1, 1, -1)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=c)
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kx.transpose(2, 3), groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - self._blur(x)
+        return centred / torch.sqrt(self._blur(centred * centred) + self.eps**2)
 
 
 def nature_cnn_trunk(dim: int = 256) -> nn.Sequential:
@@ -123,8 +151,12 @@ def mobilenet_v2_trunk(weights: str, weights_path: str | None = None) -> nn.Modu
     return model.features
 
 
-def build_encoder(kind: str, weights: str = "random", seed: int = 0, weights_path: str | None = None) -> Encoder:
+def build_encoder(
+    kind: str, weights: str = "random", seed: int = 0, weights_path: str | None = None, local_norm: float = 0.0
+) -> Encoder:
     """An encoder of ``kind``; ``imagenet`` loads pretrained weights, ``random``/``ssl`` a seeded init.
+
+    ``local_norm`` > 0 puts a :class:`LocalNorm` of that many input pixels first (0: none).
 
     ``ssl`` only sets the initial weights here; :func:`pretrain_ssl` trains them.
     """
@@ -139,6 +171,9 @@ def build_encoder(kind: str, weights: str = "random", seed: int = 0, weights_pat
         enc = Encoder(nature_cnn_trunk(), kind, 256, 8)
     else:
         enc = Encoder(impala_cnn_trunk(), kind, 256, 8)
+    if local_norm > 0:
+        enc.trunk = nn.Sequential(LocalNorm(local_norm), enc.trunk)
+    enc.local_norm = float(local_norm)
     return enc.eval()
 
 
