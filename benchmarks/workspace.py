@@ -16,11 +16,14 @@ OUTPUTS = ("metrics/", "data/", "models/", "dvclive/", "dvc.lock")  # what a cop
 TINY: dict[str, dict[str, Any]] = {
     "fetch": {"size": 192},
     "tile": {"n_targets": 24, "view_size": 32, "block_size": 64},
-    "encoder": {"input_size": 64, "ssl_steps": 2, "ssl_batch_size": 8},
+    "encoder": {"input_size": 64, "ssl_steps": 2, "ssl_batch_size": 8, "heading_search": 4},
     "tune": {"n_trials": 2, "timesteps": 256, "eval_episodes": 4, "n_evaluations": 2},
     "train": {"total_timesteps": 512, "n_envs": 4, "n_steps": 32, "batch_size": 64, "max_steps": 10,
-              "eval_freq": 256, "eval_episodes": 4, "checkpoint_freq": 256, "progress_bar": False},
+              "eval_freq": 256, "eval_episodes": 4, "checkpoint_freq": 256, "progress_bar": False,
+              "randomize_views": 1},
     "evaluate": {"episodes": 4, "max_steps": 10, "gif_steps": 5},
+    "robustness": {"kinds": ["brightness", "rotation"], "strengths": [0.5, 1.0], "episodes": 4,
+                   "action_scales": [0.5], "action_noise": [0.1]},
 }  # fmt: skip
 
 

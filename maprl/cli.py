@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from maprl.config import AGENTS, STAGE_SECTIONS, load_params
+from maprl.config import AGENTS, STAGE_SECTIONS, agent_variant, load_params
 from maprl.errors import InputError
 from maprl.stage import STAGE_HELP, guard
 
@@ -75,7 +75,7 @@ def cmd_tune_worker(args: argparse.Namespace) -> Any:
     from maprl.learn.tuning import run_worker
     from maprl.nav.runtime import load_runtime
 
-    params = load_params(args.params, stage="tune")
+    params = agent_variant(load_params(args.params, stage="tune"), "memory")  # as the tune stage
     rt = load_runtime(params, args.map, args.targets, args.features)
     return {"trials_run": run_worker(args.storage, args.study, params, rt, args.n_trials)}
 

@@ -70,6 +70,37 @@ def _iso_date(key: str, text: str) -> date:
         raise ValueError(f"{key} {text!r} is not a date as YYYY-MM-DD") from None
 
 
+SEASONS = ("summer", "autumn", "winter", "spring")
+"""Appearances the synthetic world can be rendered in; ``summer`` is the map's own."""
+
+
+class QueryParams(_Section):
+    """One query domain: imagery of the map's place from which target photos are cut instead of the map."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="Domain name (lower case, digits, _).")
+    source: Literal["synthetic", "file", "earthengine"] = Field(
+        "synthetic", description="synthetic: the world in another season; file: a raster; earthengine: other dates."
+    )
+    season: Literal["summer", "autumn", "winter", "spring"] = Field(
+        "autumn", description="source: synthetic -> season and time of day of the second rendering."
+    )
+    path: str | None = Field(None, description="source: file -> a raster of the same place (any CRS, any bounds).")
+    start_date: str | None = Field(None, description="source: earthengine -> YYYY-MM-DD (the map's dates if null).")
+    end_date: str | None = Field(None, description="source: earthengine -> YYYY-MM-DD.")
+
+    @model_validator(mode="after")
+    def _check(self) -> QueryParams:
+        if self.source == "file" and not self.path:
+            raise ValueError(f"query {self.name}: source: file needs path, the raster to read")
+        if self.source == "earthengine":
+            if (self.start_date is None) != (self.end_date is None):
+                raise ValueError(f"query {self.name}: give both start_date and end_date, or neither")
+            dates = (self.start_date, self.end_date)
+            if dates[0] and dates[1] and _iso_date("start_date", dates[0]) >= _iso_date("end_date", dates[1]):
+                raise ValueError(f"query {self.name}: start_date must come before end_date")
+        return self
+
+
 class FetchParams(_Section):
     source: Literal["synthetic", "file", "earthengine"] = "synthetic"
     size: int = Field(2048, ge=64, le=16384, description="Synthetic world side, pixels.")
@@ -79,11 +110,23 @@ class FetchParams(_Section):
     path: str | None = Field(None, description="Image to read when source is file (GeoTIFF, JPEG, PNG).")
     resample: float = Field(1.0, gt=0, le=8, description="Scale factor applied when reading a file (0.5 halves).")
     earthengine: EarthEngineParams = EarthEngineParams()
+    queries: list[QueryParams] = Field(
+        default_factory=lambda: [QueryParams(name="autumn", source="synthetic", season="autumn")],
+        description="Query domains: the same place from other imagery; target photos are cut from each.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FetchParams:
         if self.source == "file" and not self.path:
             raise ValueError("source: file needs fetch.path, the image to read")
+        names = [q.name for q in self.queries]
+        if "same" in names or len(set(names)) != len(names):
+            raise ValueError("queries: names must be unique and not 'same' (the map itself)")
+        if self.source != "synthetic" and any(q.source == "synthetic" for q in self.queries):
+            raise ValueError(
+                "queries: source synthetic needs fetch.source synthetic (it re-renders the same world); "
+                "with another map source set fetch.queries to [] or to file / earthengine domains"
+            )
         return self
 
 
@@ -94,6 +137,9 @@ class TileParams(_Section):
     block_size: int = Field(512, ge=16, description="Side of the spatial split blocks, pixels.")
     view_size: int = Field(224, ge=8, le=1024, description="Side of a view / target crop, pixels.")
     write_crops: bool = Field(True, description="Write each target crop as a PNG.")
+    min_texture: float = Field(
+        2.0, ge=0, le=255, description="Skip candidate targets whose texture (mean grey gradient) is below this."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TileParams:
@@ -136,7 +182,7 @@ class EncoderParams(_Section):
     pool_grid: int = Field(2, ge=1, le=4, description="Pool features over pool_grid x pool_grid boxes (1: global).")
     whiten: bool = Field(True, description="PCA-whiten embeddings with statistics of the map's own views.")
     out_dim: int = Field(256, ge=0, le=8192, description="Whitened dimensions kept (0: all).")
-    ssl_steps: int = Field(40, ge=0, le=100_000, description="Contrastive pretraining steps (weights: ssl).")
+    ssl_steps: int = Field(150, ge=0, le=100_000, description="Contrastive pretraining steps (weights: ssl).")
     ssl_batch_size: int = Field(32, ge=4, le=1024, description="Places per contrastive step (two views each).")
     ssl_lr: float = Field(1e-3, gt=0, le=1)
     ssl_temperature: float = Field(0.2, gt=0, le=10, description="InfoNCE softmax temperature.")
@@ -144,6 +190,23 @@ class EncoderParams(_Section):
         0.9999, gt=0.5, le=1, description="Quantile of far-view similarity the stop threshold must clear."
     )
     stop_margin: float = Field(0.02, ge=0, le=1, description="Added to that quantile to give the stop threshold.")
+    local_norm: float = Field(
+        0.125,
+        ge=0,
+        le=1,
+        description="Local standardisation of the input, Gaussian sigma as a share of input_size (0: off).",
+    )
+    augment: Literal["mild", "degrade", "strong"] = Field(
+        "mild",
+        description="SSL views: mild (small jitter) | degrade (+ blur, noise, JPEG, haze or cloud) | "
+        "strong (any rotation, scale 0.5-2, strong colour changes).",
+    )
+    heading_search: int = Field(
+        8, ge=1, le=36, description="Headings a query photo is tried at; the best retrieval match wins (1: off)."
+    )
+    cross_domain: float = Field(
+        0.9, ge=0, le=1, description="Share of SSL pairs whose second view comes from a query domain (train area only)."
+    )
     torch_threads: int = Field(2, ge=1, le=256)
 
     @model_validator(mode="after")
@@ -182,6 +245,12 @@ class TrainParams(_Section):
         ge=0,
         lt=1,
         description="Share of training episodes whose top retrieval candidate is a decoy.",
+    )
+    randomize: float = Field(
+        0.5, ge=0, le=1, description="train@randomized: largest perturbation strength of its training target photos."
+    )
+    randomize_views: int = Field(
+        2, ge=1, le=64, description="train@randomized: randomized photos prepared per training target."
     )
     learning_rate: float = Field(3e-4, gt=0, le=1)
     lr_schedule: Literal["linear", "constant"] = "linear"
@@ -409,6 +478,9 @@ class EvaluateParams(_Section):
     max_steps: int = Field(100, ge=1, description="Step budget per episode.")
     success_radius: float = Field(56.0, gt=0, description="Ground-truth success radius, pixels.")
     distance_bins: list[float] = Field([250, 500, 1000], description="Start-distance bin edges, pixels.")
+    texture_bins: list[float] = Field(
+        [2, 5, 10, 15, 20], description="Texture (mean grey gradient) bin edges for results by texture."
+    )
     gif_steps: int = Field(60, ge=1)
     decoy_rate: float = Field(
         1.0,
@@ -416,6 +488,34 @@ class EvaluateParams(_Section):
         le=1,
         description="Decoy stress test (split test_decoy): share of episodes with a decoy; 0 skips.",
     )
+
+
+PERTURBATIONS = (
+    "brightness", "contrast", "gamma", "colour_cast", "saturation", "grayscale", "haze", "blur",
+    "noise", "jpeg", "cloud", "rotation", "scale", "tilt",
+)  # fmt: skip
+"""Query perturbation kinds (:mod:`maprl.data.perturb`)."""
+
+
+class RobustnessParams(_Section):
+    """The ``robustness`` stage: methods under perturbed queries, query domains and perturbed dynamics."""
+
+    kinds: list[Literal[PERTURBATIONS]] = Field(  # type: ignore[valid-type]
+        list(PERTURBATIONS), description="Perturbations to sweep."
+    )
+    strengths: list[float] = Field([0.25, 0.5, 1.0], description="Strengths in (0, 1] (0.5 is 'moderate').")
+    episodes: int = Field(50, ge=1, le=100_000, description="Fixed test episodes per cell.")
+    action_scales: list[float] = Field([0.5, 0.75, 1.25, 1.5], description="Dynamics sweep: action scale factors.")
+    action_noise: list[float] = Field([0.1, 0.3, 0.5], description="Dynamics sweep: Gaussian action noise sigmas.")
+    oracle: bool = Field(True, description="Include the template-matching oracle (the slowest method).")
+
+    @model_validator(mode="after")
+    def _check(self) -> RobustnessParams:
+        if not self.strengths or not all(0 < s <= 1 for s in self.strengths):
+            raise ValueError("strengths must be a non-empty list of numbers in (0, 1]")
+        if not all(0 < a <= 4 for a in self.action_scales) or not all(0 <= s <= 4 for s in self.action_noise):
+            raise ValueError("action_scales must lie in (0, 4] and action_noise in [0, 4]")
+        return self
 
 
 class Params(_Section):
@@ -428,24 +528,29 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    robustness: RobustnessParams = RobustnessParams()
 
 
-AGENTS = ("memory", "nomemory", "original")
-"""The trained agents: ``memory`` as configured; ``nomemory`` without the map memory (an
-ablation); ``original``, the original design: the two views only, the seed reward, no shaping."""
+AGENTS = ("memory", "randomized", "nomemory", "original")
+"""The trained agents: ``memory`` as configured but trained on unperturbed target photos;
+``randomized``, the same trained on photos perturbed up to ``train.randomize`` (domain
+randomization); ``nomemory`` without the map memory (an ablation); ``original``, the original
+design: the two views only, the seed reward, no shaping."""
 
 
 def agent_variant(params: Params, agent: str) -> Params:
     """``params`` as agent ``agent`` (one of :data:`AGENTS`) is trained and evaluated."""
     if agent not in AGENTS:
         raise ParamsError(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
-    if agent == "memory":
+    if agent == "randomized":
         return params
+    if agent == "memory":
+        return params.model_copy(update={"train": params.train.model_copy(update={"randomize": 0.0})})
     a = params.agent.model_copy(update={"memory": "none"})
-    update: dict[str, Any] = {"agent": a}
+    update: dict[str, Any] = {"agent": a, "train": params.train.model_copy(update={"randomize": 0.0})}
     if agent == "original":
         update["agent"] = a.model_copy(update={"nav": False})
-        update["train"] = params.train.model_copy(update={"shaping": 0.0, "decoy_rate": 0.0})
+        update["train"] = params.train.model_copy(update={"shaping": 0.0, "decoy_rate": 0.0, "randomize": 0.0})
     return params.model_copy(update=update)
 
 
@@ -469,6 +574,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "tune": ("base", "tile", "env", "agent", "train", "tune", "evaluate"),
     "train": ("base", "tile", "env", "agent", "train", "evaluate"),
     "evaluate": ("base", "tile", "env", "agent", "train", "evaluate"),
+    "robustness": ("base", "tile", "env", "agent", "train", "evaluate", "robustness"),
 }
 """The params.yaml sections each stage reads; running a stage without one of them is an error."""
 

@@ -24,8 +24,9 @@ STAGE_HELP = {
     "tile": "Sample target crops over valid map areas and split them train/test.",
     "encode": "Build the encoder (self-supervised on the map) and the dense feature cache; calibrate the stop.",
     "tune": "Optuna study over PPO hyperparameters on the validation part of the train split (resumable).",
-    "train": "Train one agent on the batched feature env (--agent memory, nomemory or original).",
+    "train": "Train one agent on the batched feature env (--agent memory, randomized, nomemory or original).",
     "evaluate": "Evaluate the agents and the baselines on fixed episodes; write metrics, tables, plots and a GIF.",
+    "robustness": "The agents and no-learning methods under perturbed photos, query domains and perturbed dynamics.",
 }
 
 

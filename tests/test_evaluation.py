@@ -21,7 +21,6 @@ from maprl.eval.baselines import (
     default_baselines,
     fly_action,
     lawnmower_plan,
-    target_photo,
 )
 from maprl.eval.episodes import evaluate_methods, make_episodes, make_eval_env, make_split_episodes, run_episodes
 from maprl.eval.evaluate import write_outputs
@@ -139,7 +138,7 @@ def test_template_oracle_finds_exact_crops(scene: Scene) -> None:
             assert abs(ex - x) <= 1 and abs(ey - y) <= 1 and score > 0.99
     goals = TemplateOracle(TemplateMatcher(scene)).locate(make_eval_env(scene, PLAIN, 1), np.arange(len(scene.targets)))
     assert np.abs(goals - scene.targets[["x", "y"]].to_numpy(float)).max() <= 1
-    assert target_photo(scene, 0).shape == (V, V, 3)
+    assert scene.target_photo(0).shape == (V, V, 3)
 
 
 def test_lawnmower_sweeps_the_map(scene: Scene) -> None:

@@ -50,7 +50,16 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     tile = json.loads((repo / "metrics" / "tile.json").read_text())
     assert tile["n_test"] + tile["n_train"] == 24
     ev = json.loads((repo / "metrics" / "eval.json").read_text())
-    assert set(ev["agent"]) == {"train", "test", "test_decoy"} and "retrieve_then_search" in ev["baselines"]
+    assert set(ev["agent"]) == {"train", "test", "test_decoy", "test_autumn"}
+    assert {"retrieve_then_search", "agent_randomized"} <= set(ev["baselines"])
+    rob = json.loads((repo / "metrics" / "robustness.json").read_text())
+    cells = {f"{k}@{s:g}" for k in TINY["robustness"]["kinds"] for s in TINY["robustness"]["strengths"]}
+    methods = {"agent", "agent_randomized", "retrieve_then_fly", "retrieve_then_search", "template_oracle"}
+    for domain in ("same", "autumn"):
+        assert set(rob["cells"][domain]) == cells | {"none"}
+        assert all(set(c) == methods for c in rob["cells"][domain].values())
+    assert set(rob["dynamics"]) == {"action_scale@1", "action_scale@0.5", "action_noise@0.1"}
+    assert (repo / "data" / "robustness" / "curves" / "autumn_rotation.csv").exists()
     assert (repo / "data" / "eval" / "episode.gif").exists() and (repo / "models" / "best_hparams.yaml").exists()
     assert json.loads((repo / "metrics" / "tune.json").read_text())["n_trials"] >= 2
 
@@ -80,7 +89,9 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
                "crs": "EPSG:32632", "transform": from_origin(500000, 5150000, 1.0, 1.0)}  # fmt: skip
     with rasterio.open(photo, "w", **profile) as dst:
         dst.write(np.moveaxis(rgb, -1, 0))
-    exp = _run(["dvc", "exp", "run", "-S", "fetch.source=file", "-S", f"fetch.path={photo}"], repo)
+    exp = _run(
+        ["dvc", "exp", "run", "-S", "fetch.source=file", "-S", f"fetch.path={photo}", "-S", "fetch.queries=[]"], repo
+    )
     assert "Running stage 'tune'" in exp and "Running stage 'evaluate'" in exp
     ev = json.loads((repo / "metrics" / "eval.json").read_text())
     assert {"agent_nomemory", "agent_original"} <= set(ev["baselines"])

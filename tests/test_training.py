@@ -173,3 +173,27 @@ def test_loading_a_truncated_policy_is_a_clear_error(tmp_path: Path) -> None:
 def test_tensorboard_without_the_package_names_the_fix(tmp_path: Path, rt: Runtime) -> None:
     with pytest.raises(ParamsError, match=r"train.tensorboard.*pip install"):
         train(_params(64, tensorboard=True), rt, _paths(tmp_path))
+
+
+def test_randomize_changes_the_training_photos_and_not_the_evaluation_episodes(rt: Runtime) -> None:
+    from maprl.eval.episodes import make_episodes
+
+    before = make_episodes(rt.scene, "test", 6, seed=3)
+    clean = training.make_train_env(_params(64, randomize=0.0), rt, "train", 2, 0)
+    randomized = training.make_train_env(_params(64, randomize=1.0, randomize_views=3), rt, "train", 2, 0)
+    assert clean.scene is rt.scene
+    sc = randomized.scene
+    train_rows = rt.scene.split_rows("train")
+    assert len(sc.targets) == len(rt.scene.targets) + 2 * len(train_rows)  # 3 photos per train target
+    new_rows = sc.split_rows("train")
+    clean_photos = {int(rt.scene.targets["id"].iat[r]): rt.scene.target_photo(int(r)) for r in train_rows}
+    changed = [
+        not np.array_equal(sc.target_photo(int(r)), clean_photos[int(sc.targets["id"].iat[r])]) for r in new_rows
+    ]
+    assert all(changed)
+    assert not np.allclose(sc.target_embeddings()[new_rows[:2]], rt.scene.target_embeddings()[train_rows[:2]])
+    for split in ("val", "test"):  # the other splits keep their photos
+        a, b = sc.split_rows(split), rt.scene.split_rows(split)
+        assert np.array_equal(sc.target_embeddings()[a], rt.scene.target_embeddings()[b])
+    pd_equal = make_episodes(rt.scene, "test", 6, seed=3).equals(before)
+    assert pd_equal and rt.scene.target_embeddings() is not sc.target_embeddings()

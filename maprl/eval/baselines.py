@@ -26,7 +26,6 @@ import numpy as np
 from scipy import fft as sfft
 
 from maprl.features.memory import MapMemory
-from maprl.views import crop_views
 
 if TYPE_CHECKING:
     from maprl.nav.core import NavCore
@@ -58,12 +57,6 @@ def fly_action(pos: np.ndarray, goal: np.ndarray, step_px: float) -> np.ndarray:
     a = (np.asarray(goal, float) - np.asarray(pos, float)) / step_px
     scale = np.maximum(1.0, np.abs(a).max(axis=1, keepdims=True))
     return (a / scale).astype(np.float32)
-
-
-def target_photo(scene: Scene, row: int) -> np.ndarray:
-    """The target photo of target ``row`` (V, V, 3) uint8, as the agent is given it."""
-    t = scene.targets.iloc[row]
-    return crop_views(scene.map.rgb, np.array([t["x"]], float), np.array([t["y"]], float), scene.view_size)[0]
 
 
 # -- image-blind -------------------------------------------------------------------------------
@@ -357,7 +350,7 @@ class TemplateOracle:
         """(len(rows), 2) NCC estimates of the target positions of ``rows``."""
         out = np.empty((len(rows), 2))
         for k, row in enumerate(rows):
-            x, y, score = self.matcher.locate(target_photo(venv.scene, int(row)))
+            x, y, score = self.matcher.locate(venv.scene.target_photo(int(row)))
             out[k] = (x, y)
             self.scores[int(row)] = score
         return out

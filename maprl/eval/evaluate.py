@@ -1,7 +1,12 @@
 """The ``evaluate`` stage: every trained agent and every baseline on the same fixed episodes.
 
-Writes ``episodes.csv``, ``methods.csv``, ``success_by_distance.csv``, ``trajectories.png``,
-``episode.gif`` and the metrics JSON (see :mod:`maprl.eval.metrics` for the columns).
+Writes ``episodes.csv``, ``methods.csv``, ``success_by_distance.csv``,
+``success_by_texture.csv``, ``trajectories.png``, ``episode.gif`` and the metrics JSON (see
+:mod:`maprl.eval.metrics` for the columns).
+
+Splits: ``train`` and ``test`` (photos cut from the map itself), ``test_decoy`` (the decoy
+stress test) and, for each query domain ``d`` (``fetch.queries``), ``test_<d>``: the test
+split's episodes exactly, but with each target's photo cut from domain ``d``.
 """
 
 from __future__ import annotations
@@ -27,13 +32,18 @@ from maprl.eval.episodes import (
     make_split_episodes,
     run_episodes,
 )
-from maprl.eval.metrics import HEADLINE, distance_table, methods_table, metrics_dict, summarise
+from maprl.eval.metrics import HEADLINE, distance_table, methods_table, metrics_dict, summarise, texture_table
 from maprl.io import atomic_path, staged_dir, write_csv, write_json
 from maprl.nav.core import NavConfig
 from maprl.nav.runtime import Runtime, load_runtime, nav_config
 from maprl.nav.scene import Scene
 
-AGENT_ROWS = {"memory": HEADLINE, "nomemory": "agent_nomemory", "original": "agent_original"}
+AGENT_ROWS = {
+    "memory": HEADLINE,
+    "randomized": "agent_randomized",
+    "nomemory": "agent_nomemory",
+    "original": "agent_original",
+}
 """The method name of each trained agent in the results."""
 
 
@@ -107,11 +117,12 @@ def write_outputs(
     Returns the metrics dict. ``df`` and ``paths`` come from :func:`evaluate_methods`.
     """
     bins = params.distance_bins
-    metrics = metrics_dict(df, bins, stop_threshold)
+    metrics = metrics_dict(df, bins, stop_threshold, texture_bins=params.texture_bins)
     with staged_dir(out_dir) as out:
         write_csv(out / "episodes.csv", df)
         write_csv(out / "methods.csv", methods_table(df, bins))
         write_csv(out / "success_by_distance.csv", distance_table(df, bins))
+        write_csv(out / "success_by_texture.csv", texture_table(df, params.texture_bins))
         _write_trajectories(df, paths, scene, out / "trajectories.png", n_trajectories)
         _write_gif(df, paths, scene, out / "episode.gif", params.gif_steps)
     metrics.update(
@@ -138,24 +149,52 @@ def evaluate_all(
     if p.decoy_rate > 0:
         decoys = make_decoy_episodes(rt.scene, p.episodes, params.base.seed, p.decoy_rate, p.success_radius)
         episodes = pd.concat([episodes, decoys], ignore_index=True)
+    test = episodes[episodes["split"] == "test"]
+    runs = [("same", episodes)] + [(d, test.assign(split=f"test_{d}")) for d in rt.domains if d != "same"]
     frames, paths = [], {}
+    for domain, eps in runs:
+        scene = rt.scene if domain == "same" else rt.domain_scene(domain)
+        df, pth = evaluate_on(params, rt, scene, policies, eps)
+        heading = rt.photos[domain].heading_deg if domain in rt.photos else np.zeros(len(scene.targets))
+        df["photo_heading_deg"] = heading[df["target_row"].to_numpy(np.int64)]
+        if "texture" in scene.targets:
+            df["texture"] = scene.targets["texture"].to_numpy(float)[df["target_row"].to_numpy(np.int64)]
+        frames.append(df)
+        if domain == "same":
+            paths.update(pth)
+    return pd.concat(frames, ignore_index=True), paths
+
+
+def method_factories(
+    params: Params, rt: Runtime, scene: Scene, policies: Mapping[str, str | Path], oracle: bool = True
+) -> list[tuple[NavConfig, dict[str, Any]]]:
+    """(config, {method name: controller factory}) groups: each agent with its own config, then the baselines
+    (without the template-matching oracle if not ``oracle``)."""
+    p = params.evaluate
+    groups: list[tuple[NavConfig, dict[str, Any]]] = []
     for agent, path in policies.items():
         ap = agent_variant(params, agent)
         model = load_policy(path, ap.train.algo)
         cfg = nav_config(ap, rt, max_steps=p.max_steps, shaping=0.0)
-        name = AGENT_ROWS[agent]
-        df, pth = evaluate_methods(
-            rt.scene, rt.memory, cfg, {name: functools.partial(AgentController, model)}, episodes
-        )
-        frames.append(df)
-        paths.update(pth)
+        groups.append((cfg, {AGENT_ROWS[agent]: functools.partial(AgentController, model)}))
     base = nav_config(params, rt, max_steps=p.max_steps, shaping=0.0)
     cfg = dataclasses.replace(base, agent=base.agent.model_copy(update={"memory": "retrieval", "nav": True}))
-    df, pth = evaluate_methods(
-        rt.scene, rt.memory, cfg, default_baselines(rt.scene, rt.memory, params.base.seed), episodes
-    )
-    frames.append(df)
-    paths.update(pth)
+    baselines = dict(default_baselines(scene, rt.memory, params.base.seed))
+    if not oracle:
+        baselines.pop("template_oracle")
+    groups.append((cfg, baselines))
+    return groups
+
+
+def evaluate_on(
+    params: Params, rt: Runtime, scene: Scene, policies: Mapping[str, str | Path], episodes: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
+    """Every agent and baseline on ``episodes`` of ``scene`` (whose target photos may come from a query domain)."""
+    frames, paths = [], {}
+    for cfg, methods in method_factories(params, rt, scene, policies):
+        df, pth = evaluate_methods(scene, rt.memory, cfg, methods, episodes)
+        frames.append(df)
+        paths.update(pth)
     return pd.concat(frames, ignore_index=True), paths
 
 

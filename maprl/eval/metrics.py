@@ -7,6 +7,8 @@ Per episode (one row of ``episodes.csv``):
 * ``stopped``: the agent's own stop rule fired (similarity >= ``stop_threshold``).
 * ``spl``: success weighted by path length (Anderson et al. 2018), ``S * l / max(p, l)`` with
   ``l`` the start distance to the target centre and ``p`` the path flown; 0 on failure.
+* ``texture``: the target's texture (mean grey gradient of its map crop; low = featureless);
+  results by texture bin show a map's hard places instead of averaging them away.
 * ``final_feature_cosine`` (the env's similarity) and ``final_pixel_cosine`` (raw uint8
   pixels of the final view against the target photo), ``episode_reward`` (sum).
 """
@@ -48,9 +50,18 @@ def _num(x: Any) -> float | None:
     return None if not np.isfinite(x) else x
 
 
-def _split_summary(d: pd.DataFrame, edges: Sequence[float]) -> dict[str, Any]:
-    bins = distance_bin(d["start_distance_px"].to_numpy(), edges)
-    by_bin = {lab: d["success"].to_numpy()[bins == lab] for lab in bin_labels(edges)}
+def _by_bin(values: np.ndarray, success: np.ndarray, edges: Sequence[float]) -> dict[str, np.ndarray]:
+    bins = distance_bin(values, edges)
+    return {lab: success[bins == lab] for lab in bin_labels(edges)}
+
+
+def _split_summary(d: pd.DataFrame, edges: Sequence[float], texture_edges: Sequence[float] = ()) -> dict[str, Any]:
+    by_bin = _by_bin(d["start_distance_px"].to_numpy(), d["success"].to_numpy(), edges)
+    extra: dict[str, Any] = {}
+    if texture_edges and "texture" in d:
+        by_tex = _by_bin(d["texture"].to_numpy(), d["success"].to_numpy(), texture_edges)
+        extra["success_by_texture"] = {k: _num(v.mean()) if len(v) else None for k, v in by_tex.items()}
+        extra["episodes_by_texture"] = {k: len(v) for k, v in by_tex.items()}
     return {
         "episodes": len(d),
         "success_rate": _num(d["success"].mean()),
@@ -67,15 +78,16 @@ def _split_summary(d: pd.DataFrame, edges: Sequence[float]) -> dict[str, Any]:
         "mean_episode_reward": _num(d["episode_reward"].mean()),
         "success_by_distance": {k: _num(v.mean()) if len(v) else None for k, v in by_bin.items()},
         "episodes_by_distance": {k: len(v) for k, v in by_bin.items()},
+        **extra,
     }
 
 
-def summarise(df: pd.DataFrame, bins: Sequence[float]) -> dict[str, dict[str, Any]]:
+def summarise(df: pd.DataFrame, bins: Sequence[float], texture_bins: Sequence[float] = ()) -> dict[str, dict[str, Any]]:
     """Per split: rates, distances, steps, cosines, reward and success by start-distance bin.
 
     NaN (e.g. metres on a pixel-grid map, an empty bin) becomes ``None`` so the JSON is strict.
     """
-    return {str(s): _split_summary(df[df["split"] == s], bins) for s in pd.unique(df["split"])}
+    return {str(s): _split_summary(df[df["split"] == s], bins, texture_bins) for s in pd.unique(df["split"])}
 
 
 def methods_table(df: pd.DataFrame, bins: Sequence[float]) -> pd.DataFrame:
@@ -88,9 +100,9 @@ def methods_table(df: pd.DataFrame, bins: Sequence[float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def distance_table(df: pd.DataFrame, bins: Sequence[float]) -> pd.DataFrame:
-    """Tidy table: success rate and SPL per method, split and start-distance bin."""
-    d = df.assign(bin=distance_bin(df["start_distance_px"].to_numpy(), bins))
+def distance_table(df: pd.DataFrame, bins: Sequence[float], column: str = "start_distance_px") -> pd.DataFrame:
+    """Tidy table: success rate and SPL per method, split and start-distance bin (or bin of ``column``)."""
+    d = df.assign(bin=distance_bin(df[column].to_numpy(), bins))
     edges = [0.0, *sorted(float(x) for x in bins), float("inf")]
     rows = []
     for (method, split), g in d.groupby(["method", "split"], sort=False):
@@ -111,13 +123,21 @@ def distance_table(df: pd.DataFrame, bins: Sequence[float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def texture_table(df: pd.DataFrame, bins: Sequence[float]) -> pd.DataFrame:
+    """Tidy table: success rate and SPL per method, split and target-texture bin (empty without textures)."""
+    if "texture" not in df:
+        return pd.DataFrame(columns=["method", "split", "bin", "bin_lo", "bin_hi", "episodes", "success_rate", "spl"])
+    return distance_table(df, bins, column="texture")
+
+
 def metrics_dict(
-    df: pd.DataFrame, bins: Sequence[float], stop_threshold: float | None = None, headline: str = HEADLINE
-) -> dict[str, Any]:
+    df: pd.DataFrame, bins: Sequence[float], stop_threshold: float | None = None, headline: str = HEADLINE,
+    texture_bins: Sequence[float] = (),
+) -> dict[str, Any]:  # fmt: skip
     """``{"agent": {split: ...}, "baselines": {method: {split: ...}}, "stop_threshold": ...}``."""
     out: dict[str, Any] = {"baselines": {}, "stop_threshold": stop_threshold}
     for method, d in df.groupby("method", sort=False):
-        summary = summarise(d, bins)
+        summary = summarise(d, bins, texture_bins)
         if method == headline:
             out[headline] = summary
         else:

@@ -270,7 +270,10 @@ def make_train_env(
     p = params.train
     gamma = float(resolve_hparams(p, hparams)["gamma"])
     cfg = nav_config(params, rt, max_steps=p.max_steps, shaping=p.shaping, gamma=gamma, decoy_rate=p.decoy_rate)
-    return NavVecEnv(rt.scene, n_envs, cfg, split=split, memory=rt.memory, seed=seed)
+    scene = rt.scene
+    if p.randomize > 0:  # train@randomized: photos under random perturbations (evaluation keeps rt.scene)
+        scene = rt.randomized_scene(split, p.randomize, p.randomize_views, seed)
+    return NavVecEnv(scene, n_envs, cfg, split=split, memory=rt.memory, seed=seed)
 
 
 def evaluators(params: Params, rt: Runtime) -> dict[str, Any]:

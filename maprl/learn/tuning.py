@@ -42,7 +42,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import BaseTrial, FrozenTrial, TrialState
 from stable_baselines3.common.callbacks import BaseCallback
 
-from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params
+from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params, agent_variant
 from maprl.errors import InputError, ParamsError
 from maprl.io import atomic_path, write_json
 from maprl.learn.training import build_model, make_train_env
@@ -613,7 +613,9 @@ def run_tune_stage(
     best_path: str | Path,
     metrics_path: str | Path,
 ) -> dict[str, Any]:
-    """The tune stage: load the map, targets and features, then :func:`run_tune`."""
+    """The tune stage: load the map, targets and features, then :func:`run_tune` (for the ``memory``
+    agent: unperturbed photos; the tuned hyperparameters serve the randomized agent too)."""
+    params = agent_variant(params, "memory")
     rt = load_runtime(params, map_path, targets_path, features_dir)
     return run_tune(params, rt, out_dir, best_path, metrics_path)
 

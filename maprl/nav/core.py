@@ -57,6 +57,8 @@ class NavConfig:
     shaping: float = 0.0
     gamma: float = 0.99
     decoy_rate: float = 0.0  # share of episodes whose top retrieval candidate is a decoy
+    action_scale: float = 1.0  # dynamics perturbation: the world moves action_scale x the commanded step
+    action_noise: float = 0.0  # dynamics perturbation: Gaussian noise (sigma, in action units) on each move
 
     def __post_init__(self) -> None:
         checks = {
@@ -66,13 +68,16 @@ class NavConfig:
             "shaping": 0.0 <= self.shaping < math.inf,
             "gamma": 0.0 < self.gamma <= 1.0,
             "decoy_rate": 0.0 <= self.decoy_rate <= 1.0,
+            "action_scale": 0.0 < self.action_scale <= 10.0,
+            "action_noise": 0.0 <= self.action_noise <= 10.0,
         }  # written so that NaN fails each of them
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
             raise ValueError(
                 f"NavConfig: {shown} out of range (stop_threshold in [-1, 1], success_radius > 0, max_steps >= 1 "
-                "or None, shaping >= 0, gamma in (0, 1], decoy_rate in [0, 1])"
+                "or None, shaping >= 0, gamma in (0, 1], decoy_rate in [0, 1], action_scale in (0, 10], "
+                "action_noise in [0, 10])"
             )
 
     @classmethod
@@ -138,6 +143,7 @@ class NavCore:
         self.start_dist = np.zeros(n)
         self.sim = np.zeros(n, np.float32)
         self.cur_emb = np.zeros((n, scene.space.dim), np.float32)
+        self._noise = np.random.default_rng(0)  # dynamics noise (action_noise > 0 only; evaluation)
 
     # -- state ----------------------------------------------------------------------------
     def distance(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
@@ -188,7 +194,10 @@ class NavCore:
         a = np.clip(np.asarray(actions, np.float64).reshape(self.n, 2), -1.0, 1.0)
         before = self.distance()
         old = self.pos.copy()
-        nx, ny = self.scene.move(old[:, 0], old[:, 1], a[:, 0] * self.step_px, a[:, 1] * self.step_px)
+        move = a * (self.step_px * self.cfg.action_scale)
+        if self.cfg.action_noise > 0:
+            move += self._noise.normal(0.0, self.cfg.action_noise * self.step_px, move.shape)
+        nx, ny = self.scene.move(old[:, 0], old[:, 1], move[:, 0], move[:, 1])
         self.pos = np.stack([nx, ny], 1)
         self.path_len += np.hypot(*(self.pos - old).T)
         self.steps += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,11 @@ import numpy as np
 from maprl.config import Params
 from maprl.data.geo import read_map
 from maprl.data.splits import with_validation
-from maprl.data.tile import read_targets
+from maprl.data.tile import read_domains, read_targets
 from maprl.errors import InputError
 from maprl.features.cache import load_space
 from maprl.features.memory import MapMemory
+from maprl.features.photos import Embedded, embed_photos, load_photo_embeddings, randomized_photos, target_photos
 from maprl.nav.core import NavConfig
 from maprl.nav.scene import Scene
 from maprl.views import valid_centres
@@ -24,9 +25,54 @@ from maprl.views import valid_centres
 
 @dataclass
 class Runtime:
+    """The scene (target photos from the map itself), its map memory, the stop threshold, and the
+    query domains: their imagery on the map's grid and the encode stage's photo embeddings."""
+
     scene: Scene
     memory: MapMemory | None
     stop_threshold: float
+    imagery: dict[str, np.ndarray] = field(default_factory=dict)  # domain -> (H, W, 3); "same" is the map
+    photos: dict[str, Embedded] = field(default_factory=dict)  # domain -> embedded target photos
+    n_headings: int = 1  # headings a photo is tried at (encoder.heading_search)
+
+    def __post_init__(self) -> None:
+        self.imagery.setdefault("same", self.scene.map.rgb)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.photos) or ["same"]
+
+    def domain_scene(self, domain: str) -> Scene:
+        """The scene whose target photos come from ``domain`` (as encode embedded them)."""
+        if domain not in self.photos:
+            raise InputError(f"no query domain {domain!r}; domains are {', '.join(self.domains)}")
+        xy = self.scene.targets_xy
+        photos = target_photos(self.imagery[domain], xy, self.scene.view_size)
+        return self.scene.with_photos(photos, self.photos[domain].embeddings, domain)
+
+    def randomized_scene(self, split: str, strength: float, copies: int, seed: int) -> Scene:
+        """Domain randomization: the scene with ``copies`` randomized photos of each ``split`` target.
+
+        Each copy is cut from a random domain (the map or a query domain) at the target and changed
+        by two random perturbations up to ``strength``, then embedded at its best heading. The
+        other splits keep their photos, so evaluation episodes do not change.
+        """
+        sc = self.scene
+        rng = np.random.default_rng([seed, 23])
+        rows = sc.split_rows(split)
+        keep = np.setdiff1d(np.arange(len(sc.targets)), rows)
+        names = list(self.imagery)
+        photos, order = [sc.target_photo(int(r)) for r in keep], list(keep)
+        for _ in range(copies):
+            pick = rng.integers(len(names), size=len(rows))
+            for k, name in enumerate(names):
+                mine = rows[pick == k]
+                xy = sc.targets_xy[mine]
+                photos += list(randomized_photos(self.imagery[name], xy, sc.view_size, strength, rng))
+                order += list(mine)
+        stack = np.stack(photos)
+        emb = embed_photos(sc.space, self.memory, stack, self.n_headings).embeddings
+        return sc.with_targets(sc.targets.iloc[order], stack, emb)
 
 
 def pooled_memory(scene: Scene, stride: int, min_separation: float) -> MapMemory:
@@ -60,7 +106,16 @@ def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path,
     space = load_space(features_dir, m)
     memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
     view = params.tile.view_size
-    return Runtime(Scene(m, targets, space, view, params.env.max_nodata), memory, stop)
+    photos, n_headings = load_photo_embeddings(features_dir, targets["id"].to_numpy())
+    imagery = {"same": m.rgb, **{name: rgb for name, (rgb, _) in read_domains(map_path, m).items()}}
+    missing = sorted(set(photos) - set(imagery))
+    if missing:
+        raise InputError(
+            f"{features_dir} has photos of domain(s) {', '.join(missing)} that the map lacks; rerun encode"
+        )
+    rt = Runtime(Scene(m, targets, space, view, params.env.max_nodata), memory, stop, imagery, photos, n_headings)
+    rt.scene = rt.domain_scene("same")
+    return rt
 
 
 def nav_config(
@@ -94,5 +149,6 @@ def data_fingerprint(rt: Runtime) -> dict[str, Any]:
         "map": digest(sc.map.rgb, sc.map.valid),
         "targets": digest(sc.targets_xy, sc.targets["split"].to_numpy().astype(str)),
         "features": digest(feats),
+        "photos": digest(sc.target_embeddings()),
         "stop_threshold": round(float(rt.stop_threshold), 6),
     }

@@ -6,6 +6,7 @@ per-env memory stays small and a step is only a feature lookup.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,8 @@ class Scene:
     hi_x: float = field(init=False)
     hi_y: float = field(init=False)
     _target_embs: np.ndarray | None = field(init=False, default=None, repr=False)
+    _photos: np.ndarray | None = field(init=False, default=None, repr=False)
+    domain: str = field(init=False, default="same")  # where the target photos come from
 
     def __post_init__(self) -> None:
         self.ok = valid_centres(self.map.valid, self.view_size)
@@ -100,8 +103,31 @@ class Scene:
     def view(self, x: float, y: float) -> np.ndarray:
         return crop_views(self.map.rgb, np.array([x]), np.array([y]), self.view_size)[0]
 
+    def with_photos(self, photos: np.ndarray, embeddings: np.ndarray, domain: str) -> Scene:
+        """This scene with other target photos (T, V, V, 3) and their embeddings (T, D): shares everything else."""
+        if len(photos) != len(self.targets) or len(embeddings) != len(self.targets):
+            raise ValueError(f"need one photo and embedding per target ({len(self.targets)})")
+        out = copy.copy(self)
+        out._photos, out._target_embs, out.domain = photos, np.asarray(embeddings, np.float32), domain
+        return out
+
+    def with_targets(self, targets: pd.DataFrame, photos: np.ndarray, embeddings: np.ndarray) -> Scene:
+        """This scene with another targets table (e.g. several photos per place) and their photos and embeddings."""
+        out = copy.copy(self)
+        out.targets = targets.reset_index(drop=True)
+        out.targets_xy = out.targets[["x", "y"]].to_numpy(float)
+        out._target_embs = None
+        return out.with_photos(photos, embeddings, self.domain)
+
+    def target_photo(self, row: int) -> np.ndarray:
+        """The photo of target ``row`` (V, V, 3) uint8, as an agent is given it."""
+        if self._photos is not None:
+            return self._photos[row]
+        x, y = self.targets_xy[row]
+        return crop_views(self.map.rgb, np.array([x]), np.array([y]), self.view_size)[0]
+
     def target_embeddings(self, batch: int = 64) -> np.ndarray:
-        """(T, D) embeddings of every target crop, from its pixels (computed once)."""
+        """(T, D) embeddings of every target photo (by default its crop of the map, computed once)."""
         if self._target_embs is None:
             xy = self.targets_xy
             chunks = [

@@ -216,3 +216,103 @@ def save_gif(frames: Sequence[np.ndarray], path: str, fps: float = 8.0) -> None:
     import imageio.v3 as iio
 
     iio.imwrite(str(path), np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[object, np.ndarray]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: object, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=90, format="png", metadata={"Software": None})  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+
+
+def plot_robustness_curves(table: pd.DataFrame, path: str) -> None:
+    """Success against perturbation strength, one panel per kind and domain, one line per method."""
+    domains = list(dict.fromkeys(table["domain"]))
+    kinds = [k for k in dict.fromkeys(table["kind"]) if k != "none"]
+    ncols = min(7, max(1, len(kinds)))
+    nrows = len(domains) * -(-len(kinds) // ncols)
+    fig, axes = _figure(nrows, ncols, (2.3 * ncols, 2.0 * nrows + 0.6))
+    methods = list(dict.fromkeys(table["method"]))
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    for di, domain in enumerate(domains):
+        d = table[table["domain"] == domain]
+        base = d[d["kind"] == "none"]
+        for ki, kind in enumerate(kinds):
+            ax = axes.ravel()[di * len(kinds) + ki]
+            ax.set_visible(True)
+            rows = _concat(base, d[d["kind"] == kind])
+            for m in methods:
+                r = rows[rows["method"] == m].sort_values("strength")
+                ax.plot(r["strength"], r["success_rate"], marker="o", ms=3, label=m)
+            ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{domain}: {kind}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes.ravel()[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle("success rate against perturbation strength (0 = the photo as it is)", fontsize=9)  # type: ignore[attr-defined]
+    fig.tight_layout()  # type: ignore[attr-defined]
+    _save(fig, path)
+
+
+def _concat(*frames: pd.DataFrame) -> pd.DataFrame:
+    import pandas
+
+    return pandas.concat(frames, ignore_index=True)
+
+
+def plot_domain_bars(table: pd.DataFrame, path: str, methods: Sequence[str] = ("agent", "agent_randomized")) -> None:
+    """Success by method: light bars the map's own photos, dark bars each shifted domain (unperturbed),
+    and hatched bars the mean over all perturbations at strength 0.5 of the map's photos."""
+    fig, axes = _figure(1, 1, (6.5, 3.2))
+    ax = axes[0, 0]
+    present = [m for m in dict.fromkeys(table["method"]) if m in methods] or list(dict.fromkeys(table["method"]))
+    domains = list(dict.fromkeys(table["domain"]))
+    groups = [(d, table[(table["domain"] == d) & (table["kind"] == "none")]) for d in domains]
+    moderate = table[(table["domain"] == "same") & (table["strength"] == 0.5)]
+    groups.append(("same, perturbed (s=0.5, mean)", moderate))
+    width = 0.8 / max(1, len(groups))
+    for gi, (label, g) in enumerate(groups):
+        vals = [
+            float(g.loc[g["method"] == m, "success_rate"].mean()) if (g["method"] == m).any() else 0.0 for m in present
+        ]
+        shade = 0.35 if gi == 0 else 0.9
+        hatch = "//" if gi == len(groups) - 1 else None
+        ax.bar(
+            np.arange(len(present)) + gi * width, vals, width, label=label, color=(0.1, 0.3, 0.6, shade), hatch=hatch
+        )
+    ax.set_xticks(np.arange(len(present)) + 0.4 - width / 2, present, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate")
+    ax.legend(fontsize=7)
+    ax.set_title("same-domain (light) against shifted-domain (dark) photos", fontsize=9)
+    fig.tight_layout()  # type: ignore[attr-defined]
+    _save(fig, path)
+
+
+def plot_perturbation_grid(
+    originals: dict[str, np.ndarray], examples: dict[str, dict[str, np.ndarray]], path: str
+) -> None:
+    """Each domain's original photo, then the same photo under each perturbation at the strongest strength."""
+    domains = list(examples)
+    kinds = list(next(iter(examples.values()))) if examples else []
+    fig, axes = _figure(max(1, len(domains)), len(kinds) + 1, (1.5 * (len(kinds) + 1), 1.7 * max(1, len(domains))))
+    for di, d in enumerate(domains):
+        panels = [("original", originals[d]), *((k, examples[d][k]) for k in kinds)]
+        for ki, (title, img) in enumerate(panels):
+            ax = axes[di, ki]
+            ax.imshow(img)
+            ax.set_title(f"{d}: {title}" if ki == 0 else title, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()  # type: ignore[attr-defined]
+    _save(fig, path)
