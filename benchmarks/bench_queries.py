@@ -5,7 +5,8 @@ Trains the encoder of ``params.yaml`` with a few SSL variants on the pipeline's 
 targets, the share whose best map-memory match lies within the success radius: for photos
 from each query domain as they are, and for the map's photos under each perturbation at
 strength 0.5 ("moderate"), each photo embedded at its best of ``encoder.heading_search``
-headings. Prints one row per variant::
+headings (a photo whose unturned match reaches the calibrated stop threshold is kept as it is,
+as in the pipeline). Prints one row per variant::
 
     python benchmarks/bench_queries.py                         # the default variants
     python benchmarks/bench_queries.py --variants strong:150:0.5 mild:40:0 --kinds rotation cloud
@@ -24,7 +25,7 @@ from maprl.config import load_params
 from maprl.data.geo import read_map
 from maprl.data.splits import test_area
 from maprl.data.tile import read_domains, read_targets
-from maprl.features.encode import encode_map
+from maprl.features.encode import encode_map, measure
 from maprl.features.memory import MapMemory
 from maprl.features.photos import embed_photos, perturbed_photos, target_photos
 
@@ -71,6 +72,7 @@ def main() -> None:
         space, _ = encode_map(p, m, view, seed, domains, forbidden)
         seconds = time.perf_counter() - t0
         memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
+        accept = measure(space, m, targets, p, seed, radius)[1]["stop_threshold"]  # as the encode stage does
         sources = {"same": m.rgb, **{d: rgb for d, (rgb, _) in domains.items()}}
         changed = {
             kind: perturbed_photos(m.rgb, xy, view, kind, args.strength, np.random.default_rng([seed, 3]))[0]
@@ -81,7 +83,8 @@ def main() -> None:
             row["ssl_s"] = round(seconds)
             photos = {name: target_photos(rgb, xy, view) for name, rgb in sources.items()} | changed
             for name, batch in photos.items():
-                row[name] = top1(memory, embed_photos(space, memory, batch, n_headings).embeddings, xy, radius)
+                e = embed_photos(space, memory, batch, n_headings, accept=accept)
+                row[name] = top1(memory, e.embeddings, xy, radius)
             rows.append(row)
             print(pd.DataFrame([row]).to_string(index=False), flush=True)
     print(f"\nretrieval top-1 on {len(xy)} test targets (radius {radius:g} px), perturbations at {args.strength}:")

@@ -122,12 +122,13 @@ class FetchParams(_Section):
         names = [q.name for q in self.queries]
         if "same" in names or len(set(names)) != len(names):
             raise ValueError("queries: names must be unique and not 'same' (the map itself)")
-        if self.source != "synthetic" and any(q.source == "synthetic" for q in self.queries):
-            raise ValueError(
-                "queries: source synthetic needs fetch.source synthetic (it re-renders the same world); "
-                "with another map source set fetch.queries to [] or to file / earthengine domains"
-            )
         return self
+
+    @property
+    def active_queries(self) -> list[QueryParams]:
+        """The query domains this map source can have: ``synthetic`` ones re-render the synthetic
+        world, so with another ``source`` they are skipped (fetch says so and records it)."""
+        return [q for q in self.queries if q.source != "synthetic" or self.source == "synthetic"]
 
 
 class TileParams(_Section):

@@ -23,7 +23,8 @@ from maprl.features.cache import (
     make_space,
     pretrain_ssl,
 )
-from maprl.features.encode import calibrate_stop, run_encode, target_embeddings
+from maprl.features.encode import calibrate_stop, run_encode
+from maprl.features.photos import target_photos
 from maprl.views import crop_views, valid_centres
 
 from conftest import grid_targets, make_map, tiny_params
@@ -167,10 +168,12 @@ def test_threshold_separates_near_from_far(small_map: MapData, nature_space: Enc
 
     def side(split: str) -> tuple[np.ndarray, np.ndarray]:
         rows = targets[targets["split"] == split]
-        return target_embeddings(nature_space, small_map, rows), rows[["x", "y"]].to_numpy(float)
+        xy = rows[["x", "y"]].to_numpy(float)
+        return nature_space.embed_view(target_photos(small_map.rgb, xy, VIEW)), xy
 
     cal = calibrate_stop(nature_space, small_map, side("train"), side("test"), VIEW / 4, p)
-    assert cal["median_similarity_0px"] > 0.99 > cal["stop_threshold"]
+    # local normalisation sees a lone photo's edges padded, the map's with their surroundings: a little below 1
+    assert cal["median_similarity_0px"] > 0.98 > cal["stop_threshold"]
     assert cal["threshold_below_on_target"] and cal["near_recall"] > 0.05
     assert cal["far_pass_rate"] <= 0.001 + 1e-9 and cal["far_pass_rate_test"] < 0.01
 

@@ -304,3 +304,12 @@ def test_earthengine_map_and_query_through_computepixels(tmp_path: Path) -> None
     assert metrics["queries"]["older"] == {"valid_fraction": 1.0, "overlap_fraction": 1.0}
     rgb, valid = read_query(tmp_path / "map", "older")
     assert valid.all() and np.array_equal(rgb, read_map(tmp_path / "map" / "map.tif").rgb)
+
+
+def test_a_synthetic_domain_is_skipped_beside_a_file_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default autumn domain re-renders the synthetic world: with a file map it is skipped, and said so."""
+    map_src = _write(tmp_path / "new.tif", np.moveaxis(_map_rgb(), -1, 0), UTM, MAP_T)
+    fetch = {"source": "file", "path": str(map_src), "queries": [{"name": "autumn", "source": "synthetic"}]}
+    run_fetch(tiny_params(fetch=fetch, tile={"view_size": 16}), tmp_path / "map", tmp_path / "fetch.json")
+    assert "autumn (source synthetic)" in capsys.readouterr().out
+    assert query_names(tmp_path / "map") == [] and not (tmp_path / "map" / "queries").exists()

@@ -250,7 +250,7 @@ def read_query(map_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _synthetic_worlds(p: FetchParams, seed: int, worlds: dict[str, World] | None) -> dict[str, World]:
     """The renderings the synthetic domains need: ``worlds`` if given, else built once here."""
-    seasons = sorted({q.season for q in p.queries if q.source == "synthetic"})
+    seasons = sorted({q.season for q in p.active_queries if q.source == "synthetic"})
     if worlds is not None and set(seasons) <= worlds.keys():
         return worlds
     return synthesize_worlds(p.size, seed, p.metres_per_pixel, seasons) if seasons else {}
@@ -301,13 +301,19 @@ def fetch_queries(
     absent). Returns per domain its name, source, file, source fields (path, season or dates),
     valid_fraction and overlap_fraction (share of the map's valid pixels also valid in it).
     """
-    if not p.queries:
+    for q in p.queries:
+        if q not in p.active_queries:
+            print(f"fetch.queries: {q.name} (source synthetic) re-renders the synthetic world; skipped for "
+                  f"fetch.source {p.source}")  # fmt: skip
+    if not p.active_queries:
         return []
     m: MapData = read_map(map_tif)
     grid = map_grid(map_tif)
     worlds = _synthetic_worlds(p, seed, worlds)
     infos = []
     for i, q in enumerate(p.queries):
+        if q not in p.active_queries:
+            continue
         rgb, valid, fields = _fetch_one(p, i, map_tif, out_dir, worlds)
         overlap = float((valid & m.valid).sum() / max(1, m.valid.sum()))
         info = {"name": q.name, "source": q.source, "file": f"{QUERY_DIR}/{q.name}.tif", **fields}

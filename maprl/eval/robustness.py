@@ -66,7 +66,7 @@ def perturbed_scene(
     emb = base.target_embeddings().copy()
     xy = base.targets_xy[rows]
     changed, angles = perturbed_photos(rt.imagery[domain], xy, base.view_size, kind, strength, rng)
-    e = embed_photos(base.space, rt.memory, changed, rt.n_headings)
+    e = embed_photos(base.space, rt.memory, changed, rt.n_headings, accept=rt.stop_threshold)
     photos[rows], emb[rows] = changed, e.embeddings
     # the heading search rotates the photo by h to realign it: ideally h = -angle (mod 360)
     err = np.abs((e.heading_deg + angles + 180.0) % 360.0 - 180.0)

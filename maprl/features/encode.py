@@ -93,14 +93,16 @@ def cache_agreement(space: MapSpace, m: MapData, rng: np.random.Generator, n: in
 
 
 def photo_embeddings(
-    space: MapSpace, m: MapData, targets: pd.DataFrame, domains: Domains, n_headings: int, radius: float
-) -> dict[str, Embedded]:
-    """Every target's photo from the map (``same``) and each query domain, embedded at its best heading."""
+    space: MapSpace, m: MapData, targets: pd.DataFrame, domains: Domains, n_headings: int, radius: float,
+    accept: float | None = None,
+) -> dict[str, Embedded]:  # fmt: skip
+    """Every target's photo from the map (``same``) and each query domain, embedded at its best heading
+    (:func:`~maprl.features.photos.embed_photos`; ``accept`` is the stop threshold)."""
     memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
     xy = targets[["x", "y"]].to_numpy(float)
     sources = {"same": m.rgb, **{name: rgb for name, (rgb, _) in domains.items()}}
     return {
-        name: embed_photos(space, memory, target_photos(rgb, xy, space.view_size), n_headings)
+        name: embed_photos(space, memory, target_photos(rgb, xy, space.view_size), n_headings, accept=accept)
         for name, rgb in sources.items()
     }
 
@@ -217,18 +219,15 @@ def _split(targets: pd.DataFrame, emb: np.ndarray, split: str) -> tuple[np.ndarr
 
 
 def measure(
-    space: MapSpace, m: MapData, targets: pd.DataFrame, p: EncoderParams, seed: int, radius: float | None = None,
-    photos: dict[str, Embedded] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """Quality metrics of a cached space and its stop calibration: (metrics, calibration).
-
-    ``radius`` is the success radius (default ``view_size / 4``); ``photos`` the target photos by
-    domain (default: the map's own, as they are).
+    space: MapSpace, m: MapData, targets: pd.DataFrame, p: EncoderParams, seed: int, radius: float | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quality metrics of a cached space and its stop calibration: (metrics, calibration), both from
+    the targets' photos cut from the map itself, as they are. ``radius`` is the success radius
+    (default ``view_size / 4``).
     """
     rng = np.random.default_rng([seed, 11])
     radius = radius or space.view_size / 4
-    photos = photos or photo_embeddings(space, m, targets, {}, 1, radius)
-    same = photos["same"].embeddings
+    same = photo_embeddings(space, m, targets, {}, 1, radius)["same"].embeddings
     train, test = _split(targets, same, "train"), _split(targets, same, "test")
     calibration = calibrate_stop(space, m, train, test, radius, p)
     metrics = {
@@ -240,7 +239,6 @@ def measure(
             "test": retrieval_accuracy(space, *test, radius),
             "radius": radius,
         },
-        "retrieval_by_domain": domain_retrieval(space, targets, photos, radius),
         "far_pair_similarity": far_pair_similarity(space, m, rng),
     }
     return metrics, calibration
@@ -279,9 +277,10 @@ def run_encode(
     space, info = encode_map(p, m, view, seed, domains, forbidden)
     t1 = time.perf_counter()
     radius = params.evaluate.success_radius
-    photos = photo_embeddings(space, m, targets, domains, p.heading_search, radius)
+    metrics, calibration = measure(space, m, targets, p, seed, radius)  # the stop rule, from the map's own photos
+    photos = photo_embeddings(space, m, targets, domains, p.heading_search, radius, calibration["stop_threshold"])
+    metrics["retrieval_by_domain"] = domain_retrieval(space, targets, photos, radius)
     info["seconds_photos"] = time.perf_counter() - t1
-    metrics, calibration = measure(space, m, targets, p, seed, radius, photos)
     with staged_dir(out_dir) as tmp:
         _save_outputs(space, tmp, calibration, info["ssl_loss"], targets, photos, p.heading_search)
     losses = info["ssl_loss"]

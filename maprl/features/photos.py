@@ -89,11 +89,15 @@ def headings(n: int) -> np.ndarray:
 
 
 def embed_photos(
-    space: FeatureSpace, memory: MapMemory | None, photos: np.ndarray, n_headings: int = 1, batch: int = 64
-) -> Embedded:
+    space: FeatureSpace, memory: MapMemory | None, photos: np.ndarray, n_headings: int = 1, batch: int = 64,
+    accept: float | None = None,
+) -> Embedded:  # fmt: skip
     """Embed photos, each at the heading (of ``n_headings``) whose best map-memory match is most similar.
 
-    Without a memory or with one heading, photos are embedded as they are.
+    Without a memory or with one heading, photos are embedded as they are. With ``accept`` (the
+    calibrated stop threshold), a photo whose match as it is already reaches it keeps heading 0
+    and is not turned: a match that strong almost never lies far from the truth, and the other
+    headings are then only chances of a false match (and most of the cost).
     """
     n = len(photos)
     if n == 0:
@@ -102,12 +106,19 @@ def embed_photos(
     best_emb = np.zeros((n, space.dim), np.float32)
     best_sim = np.full(n, -np.inf)
     best_angle = np.zeros(n)
+    todo = np.arange(n)
     for angle in angles:
-        turned = photos if angle == 0 else np.stack([rotate(p, float(angle)) for p in photos])
-        emb = np.concatenate([space.embed_view(turned[i : i + batch]) for i in range(0, n, batch)])
-        sim = memory.best_similarity(emb) if memory is not None else np.full(n, np.inf)
-        better = sim > best_sim
-        best_emb[better], best_sim[better], best_angle[better] = emb[better], sim[better], angle
+        sub = photos[todo]
+        turned = sub if angle == 0 else np.stack([rotate(p, float(angle)) for p in sub])
+        emb = np.concatenate([space.embed_view(turned[i : i + batch]) for i in range(0, len(todo), batch)])
+        sim = memory.best_similarity(emb) if memory is not None else np.full(len(todo), np.inf)
+        better = sim > best_sim[todo]
+        rows = todo[better]
+        best_emb[rows], best_sim[rows], best_angle[rows] = emb[better], sim[better], angle
+        if angle == 0 and accept is not None:
+            todo = todo[best_sim[todo] < accept]
+        if len(todo) == 0:
+            break
     top = best_sim if memory is not None else np.full(n, np.nan)
     return Embedded(best_emb, best_angle, top)
 

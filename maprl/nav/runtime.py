@@ -71,7 +71,7 @@ class Runtime:
                 photos += list(randomized_photos(self.imagery[name], xy, sc.view_size, strength, rng))
                 order += list(mine)
         stack = np.stack(photos)
-        emb = embed_photos(sc.space, self.memory, stack, self.n_headings).embeddings
+        emb = embed_photos(sc.space, self.memory, stack, self.n_headings, accept=self.stop_threshold).embeddings
         return sc.with_targets(sc.targets.iloc[order], stack, emb)
 
 
