@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,7 +54,7 @@ def main() -> None:
     targets = read_targets(args.targets, m, view)
     test = targets[targets["split"] == "test"]
     xy = test[["x", "y"]].to_numpy(float)
-    domains = read_domains(Path(args.map), m)
+    domains = read_domains(args.map)
     forbidden = test_area(targets, (m.height, m.width), view, params.tile.block_size)
     rows = []
     for variant in args.variants:

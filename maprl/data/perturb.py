@@ -47,22 +47,9 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-KINDS: tuple[str, ...] = (
-    "brightness",
-    "contrast",
-    "gamma",
-    "colour_cast",
-    "saturation",
-    "grayscale",
-    "haze",
-    "blur",
-    "noise",
-    "jpeg",
-    "cloud",
-    "rotation",
-    "scale",
-    "tilt",
-)
+from maprl.config import PERTURBATIONS
+
+KINDS: tuple[str, ...] = PERTURBATIONS  # defined with the params that name them (robustness.kinds)
 GEOMETRIC: tuple[str, ...] = ("rotation", "scale", "tilt")
 # Order in which random_perturbation applies the kinds it picked: scene geometry, atmosphere,
 # optics, sensor, in-camera colour processing, compression.

@@ -195,7 +195,7 @@ def build_targets(
     return targets[COLUMNS]
 
 
-def read_domains(map_path: str | Path, m: MapData) -> Domains:
+def read_domains(map_path: str | Path) -> Domains:
     """Every query domain that fetch wrote beside ``map_path``."""
     folder = Path(map_path).parent
     return {name: read_query(folder, name) for name in query_names(folder)}
@@ -263,7 +263,7 @@ def run_tile(
     t0 = time.perf_counter()
     m = read_map(map_path)
     p = params.tile
-    domains = read_domains(map_path, m)
+    domains = read_domains(map_path)
     with staged_dir(out_dir) as out:
         targets = build_targets(m, p, params.base.seed, out / "crops" if p.write_crops else None, domains)
         targets.to_csv(out / "targets.csv", index=False, float_format="%.7f")

@@ -105,7 +105,9 @@ def perturbation_matrix(
     cells = [(d, k, s) for d in rt.domains for k in p.kinds for s in p.strengths]
     for domain in rt.domains:
         df = run_methods(params, rt, rt.domain_scene(domain), policies, episodes)
-        out += _summary(df, domain=domain, kind="none", strength=0.0, heading_error_median=0.0)
+        kept = rt.photos[domain].heading_deg[rows]  # the true heading of an unperturbed photo is 0
+        kept_error = float(np.median(np.abs((kept + 180.0) % 360.0 - 180.0)))
+        out += _summary(df, domain=domain, kind="none", strength=0.0, heading_error_median=kept_error)
     for domain, kind, strength in tqdm(cells, desc="robustness", unit="cell", leave=False):
         scene, err = perturbed_scene(rt, domain, rows, kind, strength, cell_rng(seed, domain, kind, strength))
         df = run_methods(params, rt, scene, policies, episodes)
@@ -193,8 +195,6 @@ def run_robustness(
     table, examples = perturbation_matrix(params, rt, policies, episodes)
     dyn = dynamics_sweep(params, rt, policies, episodes)
     result = metrics(table, dyn, params)
-    originals = {d: rt.domain_scene(d).target_photo(int(episodes["target_row"].min())) for d in rt.domains}
-    del originals
     with staged_dir(out_dir) as out:
         write_csv(out / "robustness.csv", table)
         write_csv(out / "dynamics.csv", dyn)

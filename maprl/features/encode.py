@@ -272,7 +272,7 @@ def run_encode(
     p, view, seed = params.encoder, params.tile.view_size, params.base.seed
     m = read_map(map_path)
     targets = read_targets(targets_path, m, view)
-    domains = read_domains(map_path, m)
+    domains = read_domains(map_path)
     forbidden = test_area(targets, (m.height, m.width), view, params.tile.block_size)
     space, info = encode_map(p, m, view, seed, domains, forbidden)
     t1 = time.perf_counter()

@@ -107,7 +107,7 @@ def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path,
     memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
     view = params.tile.view_size
     photos, n_headings = load_photo_embeddings(features_dir, targets["id"].to_numpy())
-    imagery = {"same": m.rgb, **{name: rgb for name, (rgb, _) in read_domains(map_path, m).items()}}
+    imagery = {"same": m.rgb, **{name: rgb for name, (rgb, _) in read_domains(map_path).items()}}
     missing = sorted(set(photos) - set(imagery))
     if missing:
         raise InputError(
