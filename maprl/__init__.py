@@ -1,8 +1,14 @@
-"""maprl: locate a photo on a map with a reinforcement-learning agent."""
+"""maprl: locate a photo on a map with a reinforcement-learning agent.
 
+``from maprl import locate; result = locate("photo.jpg")`` answers with a
+:class:`~maprl.locator.LocateResult` (see :mod:`maprl.locator`).
+"""
+
+import importlib
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 from gymnasium.envs.registration import register, registry
 
@@ -31,3 +37,13 @@ def _pin_cpu_code_paths() -> None:
 
 
 _pin_cpu_code_paths()
+
+
+_LAZY = {"locate": "locate", "Locator": "Locator", "LocateResult": "LocateResult"}
+
+
+def __getattr__(name: str) -> Any:
+    """``maprl.locate``, ``maprl.Locator`` and ``maprl.LocateResult``, imported on first use (torch is heavy)."""
+    if name in _LAZY:  # PEP 562: the pipeline stages never pay for (or depend on) the locator
+        return getattr(importlib.import_module("maprl.locator"), _LAZY[name])
+    raise AttributeError(f"module 'maprl' has no attribute {name!r}")

@@ -18,12 +18,13 @@ from typing import Any
 
 import yaml
 
-from maprl.config import AGENTS, STAGE_SECTIONS, agent_variant, load_params
+from maprl.config import AGENTS, LOCATE_INPUTS, LOCATE_METHODS, STAGE_SECTIONS, agent_variant, load_params
 from maprl.errors import InputError
 from maprl.stage import STAGE_HELP, guard
 
 EPILOG = """\
 examples:
+  maprl locate photo.jpg           # where was this photo taken? (after dvc repro; see maprl locate --help)
   maprl fetch                      # build data/map/map.tif from params.yaml (default: synthetic world)
   maprl tile                       # sample target crops and the train/test split
   maprl encode / tune / evaluate   # the other stages, one by one
@@ -157,6 +158,101 @@ def _add_report(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _gsd(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of metres or 'auto'") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a ground sample distance is a positive, finite number of metres")
+    return value
+
+
+def _heading(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of degrees") from None
+    if not abs(value) < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a heading is a finite number of degrees")
+    return value % 360.0
+
+
+def cmd_locate(args: argparse.Namespace) -> Any:
+    from maprl.io import write_csv, write_json
+    from maprl.locator import Locator
+
+    loc = Locator.load(args.params, args.map, args.features, args.policy, args.calibration, args.method)
+    results = loc.locate_many(args.photos, gsd=args.gsd, heading=args.heading, progress=len(args.photos) > 1)
+    collection = loc.geojson(results) if args.geojson else None  # built (and checked) before anything is written
+    if args.out:
+        import pandas as pd
+
+        write_csv(args.out, pd.DataFrame([r.csv_row() for r in results]))
+    if collection is not None:
+        write_json(args.geojson, collection)
+    if args.plot:
+        from maprl.data.photo import read_photo
+
+        shown = [read_photo(args.photos[0]).rgb] if len(results) == 1 else []
+        loc.plot(results, args.plot, shown)
+    out = [r.to_dict() for r in results]
+    if not args.path:
+        for d in out:
+            d.pop("path_px")
+    return out[0] if len(out) == 1 else out
+
+
+LOCATE_TEXT = (
+    "Where was this photo taken? Reads the photo(s), resamples each to the map's ground sample distance, "
+    "searches its heading, flies the trained agent from several starts and prints JSON: WGS84 and map "
+    "coordinates of the view centre, pixel position, heading, scale, a calibrated confidence, alternative "
+    "places, steps flown and wall time. Below locate.abstain_below confidence the answer is 'located': false "
+    "(the best guess is still given; exit code 0). Needs `dvc repro` to have run (map, features, policy and "
+    "the evaluate stage's calibration)."
+)
+LOCATE_EPILOG = """examples:
+  maprl locate photo.jpg
+  maprl locate photo.jpg --gsd 0.6 --geojson where.geojson --plot where.png
+  maprl locate photo.tif --heading 90          # the top of the photo faces east
+  maprl locate photos/*.jpg --out results.csv --geojson all.geojson
+  maprl locate photo.png --gsd auto --method retrieve_then_fly
+
+heading: the direction the top of the photo faces, degrees clockwise from north (the map's up).
+exit codes: 0 answered (located or not), 2 bad input (nothing written).
+"""
+
+
+def _add_locate(sub: Any) -> None:
+    p = sub.add_parser(
+        "locate", help="Where was this photo taken? (JSON, GeoJSON, CSV, plot)", description=LOCATE_TEXT,
+        epilog=LOCATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("photos", nargs="+", help="JPEG, PNG or GeoTIFF files (several: batch mode, with a progress bar)")
+    p.add_argument("--gsd", type=_gsd, default=None,
+                   help="the photo's ground sample distance in metres, or 'auto' to try locate.gsd_scales "
+                        "(default: a GeoTIFF's own, else the map's, which the output notes)")  # fmt: skip
+    p.add_argument("--heading", type=_heading, default=None,
+                   help="known heading in degrees clockwise from north (default: searched)")  # fmt: skip
+    p.add_argument("--geojson", default=None, help="write a FeatureCollection (RFC 7946, WGS84) here")
+    p.add_argument("--plot", default=None, help="write a PNG of the map with path, footprint and alternatives here")
+    p.add_argument("--out", default=None, help="write one CSV row per photo here")
+    p.add_argument("--path", action="store_true", help="include the flown path (map pixels) in the JSON")
+    p.add_argument("--method", default=None, choices=LOCATE_METHODS,
+                   help="what flies the view (default: locate.method in the params file)")  # fmt: skip
+    for flag, key, text in (
+        ("--params", "params", "parameters file"),
+        ("--map", "map", "map GeoTIFF"),
+        ("--features", "features", "encode stage output"),
+        ("--policy", "policy", "trained memory agent"),
+        ("--calibration", "calibration", "the evaluate stage's confidence calibration"),
+    ):
+        p.add_argument(flag, default=LOCATE_INPUTS[key], help=f"{text} (default: {LOCATE_INPUTS[key]})")
+    p.set_defaults(func=cmd_locate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from maprl import __version__
 
@@ -174,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-params", help=text, description=text)
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.set_defaults(func=cmd_check_params)
+    _add_locate(sub)
     _add_tune_worker(sub)
     _add_report(sub)
     text = "Print the README's params table (markdown), generated from the validated models."

@@ -519,6 +519,47 @@ class RobustnessParams(_Section):
         return self
 
 
+LOCATE_INPUTS = {
+    "params": "params.yaml",
+    "map": "data/map/map.tif",
+    "features": "data/features",
+    "policy": "models/memory/policy.zip",
+    "calibration": "data/eval/calibration.json",
+}
+"""Where ``dvc.yaml`` has the pipeline put what ``maprl locate`` loads (relative to the repository root)."""
+
+LOCATE_METHODS = ("agent", "retrieve_then_fly")
+"""What flies the view in ``maprl locate``: the trained memory agent, or the no-learning baseline."""
+
+
+class LocateParams(_Section):
+    """``maprl locate`` and its confidence, calibrated by the ``evaluate`` stage."""
+
+    method: Literal["agent", "retrieve_then_fly"] = Field(
+        "agent", description="What flies the view: the trained memory agent or the no-learning retrieve-then-fly."
+    )
+    restarts: int = Field(
+        4, ge=1, le=16, description="Flights per photo from spread starts; their agreement feeds the confidence."
+    )
+    top_k: int = Field(3, ge=1, le=20, description="Alternative places reported (retrieval candidates).")
+    abstain_below: float = Field(
+        0.5, ge=0, le=1, description="A calibrated confidence below this is reported as not located (abstain)."
+    )
+    gsd_scales: list[float] = Field(
+        [0.5, 0.71, 1.0, 1.41, 2.0], description="--gsd auto: photo scales tried, as multiples of the map's GSD."
+    )
+    calibration_strength: float = Field(
+        1.0, gt=0, le=1, description="Largest perturbation strength of the calibration and test queries."
+    )
+    reliability_bins: int = Field(10, ge=2, le=50, description="Bins of the reliability diagram and the ECE.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LocateParams:
+        if not self.gsd_scales or not all(0.05 <= s <= 20 for s in self.gsd_scales):
+            raise ValueError("gsd_scales must be a non-empty list of scales in [0.05, 20]")
+        return self
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     fetch: FetchParams = FetchParams()
@@ -530,6 +571,7 @@ class Params(_Section):
     tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     robustness: RobustnessParams = RobustnessParams()
+    locate: LocateParams = LocateParams()
 
 
 AGENTS = ("memory", "randomized", "nomemory", "original")
@@ -574,7 +616,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "encode": ("base", "tile", "encoder", "evaluate"),
     "tune": ("base", "tile", "env", "agent", "train", "tune", "evaluate"),
     "train": ("base", "tile", "env", "agent", "train", "evaluate"),
-    "evaluate": ("base", "tile", "env", "agent", "train", "evaluate"),
+    "evaluate": ("base", "tile", "env", "agent", "train", "evaluate", "locate"),
     "robustness": ("base", "tile", "env", "agent", "train", "evaluate", "robustness"),
 }
 """The params.yaml sections each stage reads; running a stage without one of them is an error."""

@@ -14,6 +14,7 @@ if __name__ == "__main__":
             ("--policies", "agent=policy.zip pairs, comma-separated"),
             ("--out", "output folder (episodes.csv, methods.csv, plots, GIF)"),
             ("--metrics", "metrics JSON"),
+            ("--locate-metrics", "metrics JSON of maprl locate's calibrated confidence"),
         ],
     ).parse_args()
     raise SystemExit(
@@ -26,6 +27,7 @@ if __name__ == "__main__":
                 parse_policies(args.policies),
                 args.out,
                 args.metrics,
+                args.locate_metrics,
             )
         )
     )

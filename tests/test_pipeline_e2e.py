@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
+from PIL import Image
 from rasterio.transform import from_origin
 
 from conftest import textured_rgb
@@ -62,6 +63,18 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     assert (repo / "data" / "robustness" / "curves" / "autumn_rotation.csv").exists()
     assert (repo / "data" / "eval" / "episode.gif").exists() and (repo / "models" / "best_hparams.yaml").exists()
     assert json.loads((repo / "metrics" / "tune.json").read_text())["n_trials"] >= 2
+    loc = json.loads((repo / "metrics" / "locate.json").read_text())
+    assert set(loc["methods"]) == {"agent", "retrieve_then_fly"} and loc["fit_split"] == "val"
+    assert {"ece", "precision_confidence_ge_0.9", "abstention_rate"} <= set(loc["methods"]["agent"]["test"])
+
+    # maprl locate with the trained agent: the policy's fingerprint matches this map and features
+    with rasterio.open(repo / "data" / "map" / "map.tif") as src:
+        crop = np.moveaxis(src.read((1, 2, 3), window=((60, 92), (70, 102))), 0, -1).astype(np.uint8)
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    shown = _run(["maprl", "locate", str(tmp_path / "crop.png"), "--geojson", str(tmp_path / "c.geojson")], repo)
+    answer, _ = json.JSONDecoder().raw_decode(shown[shown.index("{") :])
+    assert answer["method"] == "agent" and 0 <= answer["confidence"] <= 1
+    assert json.loads((tmp_path / "c.geojson").read_text())["type"] == "FeatureCollection"
 
     again = _run(["dvc", "repro"], repo)
     assert "Running stage" not in again

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,30 @@ def load_policy(path: str | Path, algo: str, env: Any = None) -> BaseAlgorithm:
             f"cannot load policy {path} as a {algo} model ({type(err).__name__}: {err}); it is truncated, "
             "corrupt or from another version: rerun `dvc repro train`"
         ) from None
+
+
+POLICY_INFO = "maprl.json"
+"""The entry of a saved policy.zip holding what it was trained with and on (SB3 ignores it)."""
+
+
+def read_policy_info(path: str | Path) -> dict[str, Any]:
+    """The training fingerprint saved inside ``path`` (params, and hashes of the map, features and stop)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"policy {path} does not exist; run `dvc repro train` first")
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = json.loads(z.read(POLICY_INFO))
+    except KeyError:
+        raise InputError(
+            f"policy {path} carries no record of the map and features it was trained on (an older maprl "
+            "made it); rerun `dvc repro train`"
+        ) from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise InputError(f"policy {path} is damaged ({type(err).__name__}: {err}); rerun `dvc repro train`") from None
+    if not isinstance(info, dict) or not isinstance(info.get("data"), dict):
+        raise InputError(f"policy {path}: {POLICY_INFO} is not a maprl training record; rerun `dvc repro train`")
+    return info
 
 
 def _fresh(venv: NavVecEnv) -> np.ndarray:

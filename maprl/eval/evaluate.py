@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,15 @@ from maprl.config import AGENTS, EvaluateParams, Params, agent_variant
 from maprl.errors import InputError
 from maprl.eval.agents import AgentController, load_policy
 from maprl.eval.baselines import default_baselines
+from maprl.eval.calibration import (
+    CALIBRATION_FILE,
+    Calibrator,
+    calibrate_methods,
+    fit_split,
+    reliability_table,
+    save_calibration,
+    summarise_confidence,
+)
 from maprl.eval.episodes import (
     evaluate_methods,
     make_decoy_episodes,
@@ -111,10 +120,12 @@ def write_outputs(
     *,
     stop_threshold: float | None = None,
     n_trajectories: int = 4,
+    extra: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Write episodes.csv, methods.csv, success_by_distance.csv, trajectories.png, episode.gif and the metrics JSON.
 
-    Returns the metrics dict. ``df`` and ``paths`` come from :func:`evaluate_methods`.
+    Returns the metrics dict. ``df`` and ``paths`` come from :func:`evaluate_methods`; ``extra``
+    writes more files into the output folder before it replaces the old one.
     """
     bins = params.distance_bins
     metrics = metrics_dict(df, bins, stop_threshold, texture_bins=params.texture_bins)
@@ -125,6 +136,8 @@ def write_outputs(
         write_csv(out / "success_by_texture.csv", texture_table(df, params.texture_bins))
         _write_trajectories(df, paths, scene, out / "trajectories.png", n_trajectories)
         _write_gif(df, paths, scene, out / "episode.gif", params.gif_steps)
+        if extra is not None:
+            extra(out)
     metrics.update(
         seed=seed,
         episodes_per_split=params.episodes,
@@ -198,6 +211,45 @@ def evaluate_on(
     return pd.concat(frames, ignore_index=True), paths
 
 
+def _wide_reliability(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per confidence bin: its middle, then per method the share right, mean confidence and count."""
+    first = next(iter(tables.values()))
+    out = pd.DataFrame({"bin": (first["bin_low"] + first["bin_high"]) / 2})
+    for m, t in tables.items():
+        out[m], out[f"{m}_confidence"], out[f"{m}_count"] = t["accuracy"], t["confidence"], t["count"]
+    return out
+
+
+def write_calibration(
+    out: Path, params: Params, rt: Runtime, calibrators: Mapping[str, Calibrator], answers: pd.DataFrame
+) -> dict[str, Any]:
+    """Write ``calibration.json``, ``locate_answers.csv``, ``reliability.csv`` and ``reliability.png``
+    into ``out``; returns the locate metrics (per method: the fitting split and the test split)."""
+    from maprl.viz.plots import plot_reliability
+
+    lp = params.locate
+    save_calibration(out / CALIBRATION_FILE, dict(calibrators), rt, params)
+    write_csv(out / "locate_answers.csv", answers)
+    test = answers[answers["split"] == "test"]
+    tables = {
+        m: reliability_table(g["confidence"].to_numpy(), g["success"].to_numpy(), lp.reliability_bins)
+        for m, g in test.groupby("method", sort=False)
+    }
+    write_csv(out / "reliability.csv", _wide_reliability(tables))
+    with atomic_path(out / "reliability.png") as tmp:
+        plot_reliability(tables, str(tmp), f"test targets: {len(test) // max(1, len(tables))} queries per method")
+    return {
+        "fit_split": fit_split(rt),
+        "abstain_below": lp.abstain_below,
+        "restarts": lp.restarts,
+        "methods": {
+            m: {s: summarise_confidence(g[g["split"] == s], lp.abstain_below, lp.reliability_bins)
+                for s in dict.fromkeys(g["split"])}
+            for m, g in answers.groupby("method", sort=False)
+        },
+    }  # fmt: skip
+
+
 def run_evaluate(
     params: Params,
     map_path: str | Path,
@@ -206,13 +258,29 @@ def run_evaluate(
     policies: Mapping[str, str | Path],
     out_dir: str | Path,
     metrics_path: str | Path,
+    locate_metrics_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The evaluate stage. ``policies`` maps agent names (:data:`~maprl.config.AGENTS`) to their policy.zip."""
+    """The evaluate stage. ``policies`` maps agent names (:data:`~maprl.config.AGENTS`) to their policy.zip.
+
+    With ``locate_metrics_path``, it also calibrates the confidence of ``maprl locate``
+    (:mod:`maprl.eval.calibration`, with the ``memory`` policy) and writes its figures there.
+    """
     unknown = sorted(set(policies) - set(AGENTS))
     if unknown:
         raise InputError(f"unknown agent(s) {', '.join(unknown)}; agents are {', '.join(AGENTS)}")
     rt = load_runtime(params, map_path, targets_path, features_dir)
     df, paths = evaluate_all(params, rt, policies)
-    return write_outputs(
-        df, paths, rt.scene, out_dir, metrics_path, params.evaluate, params.base.seed, stop_threshold=rt.stop_threshold
-    )
+    locate: dict[str, Any] = {}
+
+    def extra(out: Path) -> None:
+        if locate_metrics_path is not None:
+            calibrators, answers = calibrate_methods(params, rt, policies.get("memory"))
+            locate.update(write_calibration(out, params, rt, calibrators, answers))
+
+    metrics = write_outputs(
+        df, paths, rt.scene, out_dir, metrics_path, params.evaluate, params.base.seed,
+        stop_threshold=rt.stop_threshold, extra=extra,
+    )  # fmt: skip
+    if locate_metrics_path is not None:
+        write_json(locate_metrics_path, locate)
+    return metrics

@@ -34,7 +34,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 
 from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params, TrainParams, agent_variant
 from maprl.errors import InputError, ParamsError
-from maprl.eval.agents import algo_class, load_policy
+from maprl.eval.agents import POLICY_INFO, algo_class, load_policy
 from maprl.eval.evaluate import evaluate_model
 from maprl.features.nets import configure_torch
 from maprl.io import atomic_path, staged_dir, write_json, write_metrics
@@ -235,19 +235,27 @@ def _without_object_reprs(data: bytes) -> bytes:
     return json.dumps(fields, indent=4).encode()
 
 
-def save_model(model: BaseAlgorithm, path: Path) -> None:
-    """Save an SB3 model byte-reproducibly: no wall-clock fields, fixed zip entry dates, atomically."""
+def save_model(model: BaseAlgorithm, path: Path, info: dict[str, Any] | None = None) -> None:
+    """Save an SB3 model byte-reproducibly: no wall-clock fields, fixed zip entry dates, atomically.
+
+    ``info`` (JSON) is stored inside the zip as :data:`~maprl.eval.agents.POLICY_INFO`, which SB3
+    ignores: what the policy was trained with and on, checked by ``maprl locate``.
+    """
     with atomic_path(path) as tmp:  # the temp name keeps the .zip suffix, so SB3 saves to it as is
         model.save(tmp, exclude=list(VOLATILE_MODEL_FIELDS))
         with zipfile.ZipFile(tmp) as src:
             entries = [(info, src.read(info)) for info in src.infolist()]
         with zipfile.ZipFile(tmp, "w") as dst:
-            for info, data in entries:
-                if info.filename == "data":
+            for entry, data in entries:
+                if entry.filename == "data":
                     data = _without_object_reprs(data)
-                fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
-                fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+                fixed = zipfile.ZipInfo(entry.filename, date_time=(1980, 1, 1, 0, 0, 0))
+                fixed.compress_type, fixed.external_attr = entry.compress_type, entry.external_attr
                 dst.writestr(fixed, data)
+            if info is not None:
+                fixed = zipfile.ZipInfo(POLICY_INFO, date_time=(1980, 1, 1, 0, 0, 0))
+                fixed.compress_type = zipfile.ZIP_DEFLATED
+                dst.writestr(fixed, json.dumps(info, indent=2, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -388,7 +396,7 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
         "val": {k: final["val"][k] for k in ("success_rate", "spl")},
         "test": {k: final["test"][k] for k in ("success_rate", "spl")},
     }
-    save_model(model, paths.policy)
+    save_model(model, paths.policy, fingerprint)
     write_json(paths.history, periodic.history)
     write_metrics(paths.metrics, paths.timing, metrics)
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: nothing left to resume

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from maprl.config import Params
 from maprl.data.geo import read_map
@@ -134,21 +135,39 @@ def nav_config(
     )
 
 
-def data_fingerprint(rt: Runtime) -> dict[str, Any]:
-    """Content hashes of what a trial sees: map pixels, targets and splits, feature cache, stop threshold."""
-    sc = rt.scene
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
-    def digest(*arrays: np.ndarray) -> str:
-        h = hashlib.sha256()
-        for a in arrays:
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
 
+def asset_fingerprint(rt: Runtime) -> dict[str, Any]:
+    """Content hashes of what a trained policy belongs to: map pixels, feature cache, stop threshold."""
     feats = rt.memory.embeddings if rt.memory is not None else np.zeros(0)
+    m = rt.scene.map
     return {
-        "map": digest(sc.map.rgb, sc.map.valid),
-        "targets": digest(sc.targets_xy, sc.targets["split"].to_numpy().astype(str)),
-        "features": digest(feats),
-        "photos": digest(sc.target_embeddings()),
+        "map": _digest(m.rgb, m.valid),
+        "features": _digest(feats),
         "stop_threshold": round(float(rt.stop_threshold), 6),
     }
+
+
+def data_fingerprint(rt: Runtime) -> dict[str, Any]:
+    """:func:`asset_fingerprint` plus the targets, their splits and photos: what a training trial sees."""
+    sc = rt.scene
+    return asset_fingerprint(rt) | {
+        "targets": _digest(sc.targets_xy, sc.targets["split"].to_numpy().astype(str)),
+        "photos": _digest(sc.target_embeddings()),
+    }
+
+
+def load_map_runtime(params: Params, map_path: str | Path, features_dir: str | Path) -> Runtime:
+    """The map, its feature space and memory and the stop threshold, without targets (for locating photos)."""
+    m = read_map(map_path)
+    stop = read_stop_threshold(features_dir)
+    space = load_space(features_dir, m)
+    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
+    targets = pd.DataFrame({"id": np.zeros(0, np.int64), "x": np.zeros(0), "y": np.zeros(0), "split": []})
+    scene = Scene(m, targets, space, params.tile.view_size, params.env.max_nodata)
+    return Runtime(scene, memory, stop, n_headings=params.encoder.heading_search)

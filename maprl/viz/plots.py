@@ -316,3 +316,80 @@ def plot_perturbation_grid(
             ax.axis("off")
     fig.tight_layout()  # type: ignore[attr-defined]
     _save(fig, path)
+
+
+def plot_reliability(tables: dict[str, pd.DataFrame], path: str, title: str) -> None:
+    """Reliability diagram: share of right answers against mean confidence per bin, one line per method,
+    with the diagonal of perfect calibration; below, how many answers fall in each bin."""
+    fig, axes = _figure(2, 1, (4.6, 5.6))
+    top, bottom = axes[0, 0], axes[1, 0]
+    top.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfectly calibrated")
+    width = 0.9 / max(1, len(tables))
+    for i, (method, t) in enumerate(tables.items()):
+        used = t[t["count"] > 0]
+        top.plot(used["confidence"], used["accuracy"], marker="o", ms=4, label=method)
+        lows = t["bin_low"].to_numpy(float)
+        bottom.bar(lows + (i + 0.5) * width * (lows[1] - lows[0] if len(lows) > 1 else 1), t["count"],
+                   width * (lows[1] - lows[0] if len(lows) > 1 else 1), label=method)  # fmt: skip
+    top.set_xlim(0, 1)
+    top.set_ylim(-0.02, 1.02)
+    top.set_xlabel("confidence (mean in bin)")
+    top.set_ylabel("share within the success radius")
+    top.legend(fontsize=7)
+    top.set_title(title, fontsize=9)
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence bin")
+    bottom.set_ylabel("answers")
+    fig.tight_layout()  # type: ignore[attr-defined]
+    _save(fig, path)
+
+
+def plot_located(
+    map_rgb: np.ndarray,
+    answers: Sequence[dict[str, object]],
+    path: str,
+    photos: Sequence[np.ndarray] = (),
+    max_side: int = 1600,
+) -> None:
+    """The map with each answer's flown path, view footprint (a polygon in map pixels), answer and
+    alternatives; with one answer, the photo as given and the map's view at the answer beside it.
+
+    Each answer is a dict with ``path`` (T, 2), ``footprint`` (5, 2), ``xy`` (2,), ``alternatives``
+    (k, 2), ``label`` (str) and ``located`` (bool), all in map pixels.
+    """
+    single = len(answers) == 1 and len(photos) == 1
+    small, s = downscale(map_rgb, max_side)
+    ncols = 3 if single else 1
+    fig, axes = _figure(1, ncols, (12.0 if single else 7.0, 5.2 if single else 7.0))
+    ax = axes[0, 0]
+    ax.imshow(small, extent=(-0.5, small.shape[1] - 0.5, small.shape[0] - 0.5, -0.5))
+    for i, a in enumerate(answers):
+        colour = "#ffd400" if a["located"] else "#ff4040"
+        p = np.asarray(a["path"], float) * s
+        ax.plot(p[:, 0], p[:, 1], color="white", lw=1.0, alpha=0.9)
+        ax.plot(p[:1, 0], p[:1, 1], "o", color="white", ms=3)
+        fp = np.asarray(a["footprint"], float) * s
+        ax.plot(fp[:, 0], fp[:, 1], color=colour, lw=1.6)
+        xy = np.asarray(a["xy"], float) * s
+        ax.plot(xy[0], xy[1], "+", color=colour, ms=10, mew=2)
+        alts = np.asarray(a["alternatives"], float).reshape(-1, 2) * s
+        ax.plot(alts[:, 0], alts[:, 1], "x", color="#40c0ff", ms=6, mew=1.5)
+        if not single:
+            ax.annotate(str(i + 1), (xy[0], xy[1]), color=colour, fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_title(" | ".join(str(a["label"]) for a in answers[:1]) if single else f"{len(answers)} photos", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if single:
+        axes[0, 1].imshow(photos[0])
+        axes[0, 1].set_title("photo (as given)", fontsize=8)
+        a = answers[0]
+        x, y = (int(round(float(v))) for v in np.asarray(a["xy"], float))
+        half = int(np.ptp(np.asarray(a["footprint"], float)[:, 0]) // 2) or 1
+        crop = map_rgb[max(0, y - half) : y + half, max(0, x - half) : x + half]
+        axes[0, 2].imshow(crop)
+        axes[0, 2].set_title("map around the answer (north up)", fontsize=8)
+        for b in axes[0, 1:]:
+            b.set_xticks([])
+            b.set_yticks([])
+    fig.tight_layout()  # type: ignore[attr-defined]
+    _save(fig, path)
