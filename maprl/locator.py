@@ -36,6 +36,7 @@ from maprl.errors import InputError
 from maprl.eval.agents import read_policy_info
 from maprl.eval.calibration import Calibrator, load_calibration
 from maprl.eval.locate import EVIDENCE, embed_aligned, locate_photos, method_setup
+from maprl.features.nets import configure_torch
 from maprl.features.photos import Embedded
 from maprl.nav.runtime import Runtime, asset_fingerprint, load_map_runtime
 
@@ -175,6 +176,7 @@ class Locator:
     ) -> Locator:
         """Load the pipeline's outputs and check they belong together (a clear :class:`InputError` if not)."""
         p = load_params(params)
+        configure_torch(p.encoder.torch_threads)
         method = method or p.locate.method
         rt = load_map_runtime(p, map_path, features)
         assets = asset_fingerprint(rt)

@@ -14,11 +14,12 @@ import pytest
 import rasterio
 import yaml
 from PIL import Image
+from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
 from maprl.cli import main
 from maprl.config import EncoderParams, parse_params
-from maprl.data.geo import write_map
+from maprl.data.geo import MapData, write_map
 from maprl.data.perturb import rotate
 from maprl.data.photo import read_photo
 from maprl.errors import InputError
@@ -51,13 +52,10 @@ def _targets(rng: np.random.Generator, n: int) -> pd.DataFrame:
     return pd.DataFrame({"id": np.arange(n), "x": xy[:, 0], "y": xy[:, 1], "split": split})
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """What the pipeline would leave: a map, features, a stop threshold and a confidence calibration."""
-    root = tmp_path_factory.mktemp("locate")
+def _build(root: Path, m: MapData) -> dict[str, str]:
+    """What the pipeline would leave for map ``m``: features, a stop threshold and a confidence calibration."""
     params = parse_params(RAW)
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    m = make_map(SIZE, seed=3)
     write_map(root / "map.tif", m.rgb, m.elevation, m.transform, m.crs, m.valid)
     space = make_space(EncoderParams(**RAW["encoder"]), m, VIEW, seed=0)
     (root / "features").mkdir()
@@ -76,6 +74,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     files = {"params": "params.yaml", "map": "map.tif", "features": "features", "calibration": "calibration.json",
              "policy": "policy.zip"}  # fmt: skip
     return {k: str(root / v) for k, v in files.items()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return _build(tmp_path_factory.mktemp("locate"), make_map(SIZE, seed=3))
 
 
 def _args(ws: dict[str, str]) -> list[str]:
@@ -262,3 +265,23 @@ def test_cli_rejects_bad_gsd(workspace: dict[str, str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["locate", "x.jpg", "--gsd", "nan", *_args(workspace)])
     assert exc.value.code == 2
+
+
+def test_locate_on_a_map_in_degrees_measures_true_metres(tmp_path: Path) -> None:
+    """A map in EPSG:4326 (like the Landsat data): distances and the radius in true metres, GeoJSON in place."""
+    deg = 2e-5  # about 1.5 m east-west and 2.2 m north-south at 46.5 N
+    m = make_map(SIZE, seed=3)
+    m = MapData(m.rgb, m.elevation, m.valid, from_origin(6.6, 46.5, deg, deg), CRS.from_epsg(4326))
+    ws = _build(tmp_path, m)
+    loc = Locator.load(ws["params"], ws["map"], ws["features"], ws["policy"], ws["calibration"])
+    r = loc.locate(_crop(m.rgb, 120, 100, VIEW))
+    assert np.hypot(r.pixel_x - 120, r.pixel_y - 100) <= loc.params.evaluate.success_radius
+    mx, my = 2e-5 * 111_320 * np.cos(np.radians(46.5)), 2e-5 * 111_150  # metres per pixel along x and y
+    assert r.success_radius_m == pytest.approx(8.0 * (mx + my) / 2, rel=0.02)
+    assert r.lon == pytest.approx(6.6 + (120 + 0.5) * deg, abs=deg) and r.lat == pytest.approx(
+        46.5 - 100.5 * deg, abs=deg
+    )
+    for a in r.alternatives:
+        d = np.hypot((a.pixel_x - r.pixel_x) * mx, (a.pixel_y - r.pixel_y) * my)
+        assert a.distance_m == pytest.approx(d, rel=0.02)
+    _check_rfc7946(loc.geojson([r]))
