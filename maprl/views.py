@@ -53,8 +53,14 @@ def valid_centres(valid: np.ndarray, view_size: int, max_nodata: float = 0.0) ->
     out = np.zeros((h, w), bool)
     if v > h or v > w:
         return out
-    bad = window_sums(integral_image((~valid).astype(np.float32)), v)  # per top-left corner
     half = v // 2  # an integer centre x has its window starting at x - v // 2
+    if valid.all():  # no nodata (a synthetic map): every window fits, and a large map needs no counts
+        out[half : half + h - v + 1, half : half + w - v + 1] = True
+        return out
+    counts = np.zeros((h + 1, w + 1), np.int32 if h * w < 2**31 else np.int64)  # exact, half float64's memory
+    np.cumsum(~valid, axis=0, dtype=counts.dtype, out=counts[1:, 1:])
+    np.cumsum(counts[1:, 1:], axis=1, out=counts[1:, 1:])
+    bad = window_sums(counts, v)  # per top-left corner
     out[half : half + bad.shape[0], half : half + bad.shape[1]] = bad <= max_nodata * v * v + 0.5
     return out
 
@@ -83,8 +89,11 @@ def pixel_cosine(rgb: np.ndarray, a: np.ndarray, b: np.ndarray, view_size: int, 
 
 def sample_centres(ok: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``n`` integer (x, y) centres drawn uniformly from a valid-centre mask."""
-    flat = np.flatnonzero(ok)
-    if len(flat) == 0:
+    counts = np.count_nonzero(ok, axis=1)  # per row: no index array of every valid pixel (GBs on a large map)
+    ends = np.cumsum(counts)
+    if len(ends) == 0 or ends[-1] == 0:
         raise InputError("the map has no valid area for a whole view; check nodata or tile.view_size")
-    ys, xs = np.unravel_index(flat[rng.integers(0, len(flat), n)], ok.shape)
+    rank = rng.integers(0, int(ends[-1]), n)  # the rank-th valid centre in row-major order
+    ys = np.searchsorted(ends, rank, side="right")
+    xs = np.array([np.flatnonzero(ok[y])[k] for y, k in zip(ys, rank - ends[ys] + counts[ys], strict=True)], np.int64)
     return xs.astype(float), ys.astype(float)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import rasterio
@@ -18,12 +17,14 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 from rasterio.warp import transform as warp_transform
+from rasterio.windows import Window
 
 from maprl.errors import InputError
 from maprl.io import atomic_path
 
 NODATA = -9999.0
 BAND_NAMES = ("red", "green", "blue", "elevation")
+READ_STRIP_BYTES = 64 << 20  # float32 bands read at a time
 
 
 @dataclass
@@ -132,7 +133,12 @@ def write_map(
 
 
 def read_map(path: str | Path) -> MapData:
-    """Read the map GeoTIFF written by the fetch stage."""
+    """Read the map GeoTIFF written by the fetch stage.
+
+    Read in strips of rows (about ``READ_STRIP_BYTES`` of float32 bands each) straight into the
+    uint8 colours, float32 elevation and bool validity, so a large map never sits in memory as
+    float32 bands; the result equals reading every band at once.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"map {path} does not exist; run `dvc repro fetch` first")
@@ -140,12 +146,18 @@ def read_map(path: str | Path) -> MapData:
         with rasterio.open(path) as src:
             if src.count < 4:
                 raise InputError(f"map {path} has {src.count} bands; expected red, green, blue, elevation")
-            data = src.read(out_dtype=np.float32)
-            transform, crs, nodata = src.transform, src.crs, src.nodata
+            h, w, nodata = src.height, src.width, src.nodata
+            rgb, elevation, valid = np.empty((h, w, 3), np.uint8), np.empty((h, w), np.float32), np.empty((h, w), bool)
+            rows = max(1, READ_STRIP_BYTES // (4 * w * src.count))
+            for r in range(0, h, rows):
+                data = src.read(window=Window(0, r, w, min(rows, h - r)), out_dtype=np.float32)
+                ok = np.all(np.isfinite(data), axis=0)
+                if nodata is not None:
+                    ok &= ~np.any(data == nodata, axis=0)
+                valid[r : r + rows] = ok
+                rgb[r : r + rows] = np.clip(np.nan_to_num(np.moveaxis(data[:3], 0, -1)), 0, 255)
+                elevation[r : r + rows] = np.where(ok, data[3], np.nan)
+            transform, crs = src.transform, src.crs
     except RasterioIOError as err:
         raise InputError(f"cannot read map {path}: {err}") from None
-    valid = np.ones(data.shape[1:], bool) if nodata is None else ~np.any(data == nodata, axis=0)
-    valid &= np.all(np.isfinite(data), axis=0)
-    rgb = np.clip(np.nan_to_num(np.moveaxis(data[:3], 0, -1)), 0, 255).astype(np.uint8)
-    elevation = np.where(valid, data[3], np.nan).astype(np.float32)
     return MapData(rgb=rgb, elevation=elevation, valid=valid, transform=transform, crs=crs)

@@ -4,7 +4,11 @@
 :class:`EncoderFeatures` is the dense cache. The encoder runs fully convolutionally over the
 whole map, resized by ``input_size / view_size``, once per map offset needed to reach the
 ``cache_stride`` grid (the network stride is coarser); each grid view reads the features of
-the cells under it through an integral image. A view's descriptor (:class:`Pooling`) drops
+the cells under it through an integral image. On a large map the pass runs on overlapping tiles
+(:func:`feature_map`, ``TILE``; margins cover the receptive field, so the stitched cells equal
+one pass's up to float rounding), the pooling goes strip by strip and the projection below is
+fitted on at most ``FIT_NODES`` nodes, so memory stays bounded (a 2048 px map is one tile and
+one strip, and its cache is the same as before tiling, byte for byte). A view's descriptor (:class:`Pooling`) drops
 ``border`` cells at each edge, whose receptive field crosses the view edge (there a lone photo
 sees padding while the map sees its surroundings), and averages ``pool_grid x pool_grid``
 boxes of the rest, so a photo and the same place on the map get the same descriptor. It is
@@ -21,12 +25,14 @@ import math
 import pickle
 import zipfile
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch import nn
 from tqdm.auto import tqdm
 
 from maprl.config import EncoderParams
@@ -34,6 +40,7 @@ from maprl.data.geo import MapData
 from maprl.errors import InputError, ParamsError
 from maprl.features.nets import (
     Encoder,
+    LocalNorm,
     build_encoder,
     configure_torch,
     normalise,
@@ -49,6 +56,9 @@ from maprl.views import crop_views, integral_image, sample_centres, unit, valid_
 CACHE_FILE = "cache.npz"
 ENCODER_FILE = "encoder.pt"
 _BATCH = 64
+TILE = 4096  # map pixels: the trunk runs on tiles about this large (the default 2048 px map is one)
+STRIP_NODES = 16384  # grid nodes pooled at a time (the default 2048 px map's 13225 are one strip)
+FIT_NODES = 65536  # the projection is fitted on at most this many valid nodes (a fixed random subset)
 WHITEN_REG = 1e-3  # eigenvalue floor of the whitening, relative to the largest
 DEFAULT_BORDER = {"mobilenet_v2": 0, "nature_cnn": 2, "impala_cnn": 2}  # cells; see Pooling
 
@@ -68,13 +78,77 @@ def pass_offsets(cell: float, stride: int, shifts: int) -> np.ndarray:
     return np.unique(np.round(np.arange(n) * cell / n).astype(np.int64))
 
 
+def trunk_geometry(trunk: nn.Module, length: int) -> tuple[int, int]:
+    """Receptive-field radius of ``trunk`` (input pixels, to either side of an output cell's start,
+    :class:`LocalNorm`'s two blurs included) and its output length for an input ``length`` long."""
+    radius, jump = 0, 1
+    for mod in trunk.modules():
+        if isinstance(mod, LocalNorm):
+            radius += 2 * mod.radius * jump
+        elif isinstance(mod, nn.Conv2d | nn.MaxPool2d):
+            k, s, p, d = (
+                int(np.atleast_1d(getattr(mod, a))[0]) for a in ("kernel_size", "stride", "padding", "dilation")
+            )
+            radius += max(p, d * (k - 1) - p) * jump
+            length = (length + 2 * p - d * (k - 1) - 1) // s + 1
+            jump *= s
+    return radius, length
+
+
+def _spans(length: int, cell: Fraction, tile: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """Tiles along one axis of ``length`` map pixels: (first, end) map pixel of each crop, and the
+    (first, end) of its output cells to keep (end -1: to the crop's end). Crops start on cell
+    boundaries (a multiple of ``cell.denominator`` cells, so on whole pixels) and reach ``margin``
+    cells past the kept ones (clipped at the map's edges, which the untiled pass also sees)."""
+    if length <= tile:
+        return [(0, length, 0, -1)]
+    step = max(1, int(tile / cell) // cell.denominator) * cell.denominator
+    margin = -(-margin // cell.denominator) * cell.denominator
+    out = []
+    for a in range(0, math.ceil(length / cell), step):
+        lo, last = max(0, a - margin), (a + step + margin) * cell >= length
+        end = length if last else int((a + step + margin) * cell)
+        out.append((int(lo * cell), end, a - lo, -1 if last else a - lo + step))
+        if last:
+            break
+    return out
+
+
 @torch.inference_mode()
-def feature_map(encoder: Encoder, rgb_t: torch.Tensor, ox: int, oy: int, scale: float) -> np.ndarray:
-    """Trunk features of the map shifted by (ox, oy) and resized by ``scale``: (h, w, D) float32."""
-    x = rgb_t[:, :, oy:, ox:]
-    if scale != 1.0:  # an explicit scale factor keeps map pixel u at resized pixel u * scale exactly
-        x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, recompute_scale_factor=False)
-    return encoder.trunk(normalise(x))[0].permute(1, 2, 0).numpy()
+def feature_map(
+    encoder: Encoder, rgb: np.ndarray, ox: int, oy: int, scale: float, cell: Fraction, tile: int = TILE
+) -> np.ndarray:
+    """Trunk features of the map shifted by (ox, oy) and resized by ``scale``: (h, w, D) float32.
+
+    Run on overlapping tiles of about ``tile`` map pixels (one tile if the map is no larger),
+    each with a margin covering the receptive field and the resize kernel, so memory stays
+    bounded; the kept cells equal the untiled pass's up to float rounding."""
+    rgb = rgb[oy:, ox:]
+    radius, _ = trunk_geometry(encoder.trunk, 0)
+    margin = math.ceil((radius + 2 / scale + encoder.stride) / encoder.stride)  # cells
+    rows, cols = (_spans(n, cell, tile, margin) for n in rgb.shape[:2])
+
+    def run(y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        x = to_unit_tensor(rgb[None, y0:y1, x0:x1])
+        if scale != 1.0:  # an explicit scale factor keeps map pixel u at resized pixel u * scale exactly
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, recompute_scale_factor=False)
+        return encoder.trunk(normalise(x))[0].permute(1, 2, 0)
+
+    if len(rows) == 1 and len(cols) == 1:
+        return run(0, rgb.shape[0], 0, rgb.shape[1]).numpy()
+    h, w = (trunk_geometry(encoder.trunk, math.floor(n * scale))[1] for n in rgb.shape[:2])
+    out = np.empty((h, w, encoder.dim), np.float32)
+    r = 0
+    for y0, y1, ky0, ky1 in tqdm(rows, desc="feature tiles", unit="row", leave=False):
+        c = 0
+        for x0, x1, kx0, kx1 in cols:
+            part = run(y0, y1, x0, x1)[ky0 : None if ky1 < 0 else ky1, kx0 : None if kx1 < 0 else kx1]
+            out[r : r + part.shape[0], c : c + part.shape[1]] = part.numpy()
+            c += part.shape[1]
+        r += part.shape[0]
+    if (r, c) != (h, w):
+        raise RuntimeError(f"tiled feature map is {r}x{c} cells, expected {h}x{w}")
+    return out
 
 
 def _corner(sat: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -143,28 +217,69 @@ def _nearest_pass(origins: np.ndarray, offsets: np.ndarray, cell: float) -> np.n
     return np.argmin(np.minimum(phase, cell - phase), axis=1)
 
 
-def dense_grid(encoder: Encoder, rgb: np.ndarray, pooling: Pooling, stride: int, shifts: int = 0) -> np.ndarray:
+class PassMaps:
+    """The trunk run over the map once per pass offset, pooled into raw node descriptors on demand.
+
+    Pooling goes strip by strip (about ``STRIP_NODES`` nodes, each strip's integral image only),
+    so memory is the feature maps plus one strip; a map of up to ``STRIP_NODES`` nodes is one strip.
+    """
+
+    def __init__(
+        self, encoder: Encoder, rgb: np.ndarray, pooling: Pooling, stride: int, shifts: int = 0, tile: int = TILE
+    ) -> None:
+        v, cell = pooling.view_size, pooling.cell
+        self.pooling, self.cell = pooling, cell
+        gx, gy = grid_axes(rgb.shape[1], rgb.shape[0], v, stride)
+        self.x0, self.y0 = gx - v // 2, gy - v // 2
+        self.offsets = pass_offsets(cell, stride, shifts)
+        self.px, self.py = _nearest_pass(self.x0, self.offsets, cell), _nearest_pass(self.y0, self.offsets, cell)
+        self.shape = (len(gy), len(gx))
+        self.dim = encoder.dim * pooling.grid**2
+        exact = Fraction(pooling.net_stride * v, pooling.input_size)
+        passes = [(i, j) for j in np.unique(self.py) for i in np.unique(self.px)]
+        self.maps = {
+            (int(i), int(j)): feature_map(
+                encoder, rgb, int(self.offsets[i]), int(self.offsets[j]), pooling.input_size / v, exact, tile
+            )
+            for i, j in tqdm(passes, desc="feature cache", unit="pass", leave=False)
+        }
+        rows = max(1, STRIP_NODES // self.shape[1])
+        self.strips = [range(a, min(a + rows, self.shape[0])) for a in range(0, self.shape[0], rows)]
+
+    def descriptors(self, nodes: np.ndarray) -> np.ndarray:
+        """Raw descriptors (N, D) of the grid nodes with (sorted) flat indices ``nodes``."""
+        nodes = np.asarray(nodes, np.int64)
+        rr, cc = np.divmod(nodes, self.shape[1])
+        out = np.zeros((len(nodes), self.dim), np.float32)
+        v, cell = self.pooling.view_size, self.cell
+        for strip in self.strips:
+            s = np.flatnonzero((rr >= strip.start) & (rr < strip.stop))
+            for (i, j), fmap in self.maps.items():
+                k = s[(self.px[cc[s]] == i) & (self.py[rr[s]] == j)]
+                if len(k) == 0:
+                    continue
+                ox, oy = self.offsets[i], self.offsets[j]
+                lo = max(0, math.floor((self.y0[strip.start] - oy) / cell))
+                hi = min(fmap.shape[0], math.ceil((self.y0[strip.stop - 1] - oy + v) / cell) + 2)
+                sat = integral_image(fmap[lo:hi])
+                out[k] = self.pooling.pool(sat, (self.y0[rr[k]] - oy) / cell - lo, (self.x0[cc[k]] - ox) / cell)
+        return out
+
+    def strip_nodes(self) -> list[np.ndarray]:
+        """Flat node indices of each strip."""
+        return [np.arange(s.start * self.shape[1], s.stop * self.shape[1]) for s in self.strips]
+
+
+def dense_grid(
+    encoder: Encoder, rgb: np.ndarray, pooling: Pooling, stride: int, shifts: int = 0, tile: int = TILE
+) -> np.ndarray:
     """Raw descriptors of every cache-grid view: (ny, nx, grid^2 * D) float32.
 
-    One fully convolutional pass per (x, y) map offset; each node reads the pass whose cells
-    align best with its view and pools the (fractional) cells the view covers.
+    One fully convolutional pass per (x, y) map offset (tiled, see :func:`feature_map`); each node
+    reads the pass whose cells align best with its view and pools the (fractional) cells the view covers.
     """
-    v, cell = pooling.view_size, pooling.cell
-    gx, gy = grid_axes(rgb.shape[1], rgb.shape[0], v, stride)
-    x0, y0 = gx - v // 2, gy - v // 2
-    offsets = pass_offsets(cell, stride, shifts)
-    px, py = _nearest_pass(x0, offsets, cell), _nearest_pass(y0, offsets, cell)
-    rgb_t = to_unit_tensor(rgb[None])
-    out = np.zeros((len(gy), len(gx), encoder.dim * pooling.grid**2), np.float32)
-    passes = [(i, j) for j in range(len(offsets)) for i in range(len(offsets))]
-    for i, j in tqdm(passes, desc="feature cache", unit="pass", leave=False):
-        cols, rows = np.flatnonzero(px == i), np.flatnonzero(py == j)
-        if len(cols) == 0 or len(rows) == 0:
-            continue
-        sat = integral_image(feature_map(encoder, rgb_t, int(offsets[i]), int(offsets[j]), pooling.input_size / v))
-        rr, cc = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
-        out[rr, cc] = pooling.pool(sat, (y0[rr] - offsets[j]) / cell, (x0[cc] - offsets[i]) / cell)
-    return out
+    maps = PassMaps(encoder, rgb, pooling, stride, shifts, tile)
+    return maps.descriptors(np.arange(maps.shape[0] * maps.shape[1])).reshape(*maps.shape, maps.dim)
 
 
 @torch.inference_mode()
@@ -267,15 +382,21 @@ class EncoderFeatures:
     @classmethod
     def build(
         cls, encoder: Encoder, m: MapData, pooling: Pooling, stride: int, shifts: int = 0, *,
-        whiten: bool = True, out_dim: int = 0,
+        whiten: bool = True, out_dim: int = 0, tile: int = TILE,
     ) -> EncoderFeatures:  # fmt: skip
         """Run the encoder over the map, fit the projection on the valid nodes and cache the grid."""
         pooling.check()
-        raw = dense_grid(encoder, m.rgb, pooling, stride, shifts)
+        maps = PassMaps(encoder, m.rgb, pooling, stride, shifts, tile)
         axes = grid_axes(m.width, m.height, pooling.view_size, stride)
         ok = valid_centres(m.valid, pooling.view_size)[np.ix_(axes[1], axes[0])]
-        proj = fit_projection(raw[ok] if ok.any() else raw.reshape(-1, raw.shape[-1]), whiten, out_dim)
-        grid = proj(raw.reshape(-1, raw.shape[-1])).reshape(*raw.shape[:2], -1).astype(np.float16)
+        fit = np.flatnonzero(ok) if ok.any() else np.arange(ok.size)
+        if len(fit) > FIT_NODES:  # a fixed random subset: the fit's cost stays bounded on large maps
+            fit = np.sort(np.random.default_rng(0).choice(fit, FIT_NODES, replace=False))
+        proj = fit_projection(maps.descriptors(fit), whiten, out_dim)
+        grid = np.empty((*ok.shape, proj.dim), np.float16)
+        flat = grid.reshape(-1, proj.dim)
+        for nodes in maps.strip_nodes():
+            flat[nodes] = proj(maps.descriptors(nodes)).astype(np.float16)
         return cls(encoder, grid, ok, proj, axes, pooling)
 
     @classmethod

@@ -45,7 +45,7 @@ from maprl.features.memory import MapMemory
 from maprl.features.nets import configure_torch
 from maprl.features.photos import PHOTOS_FILE, Embedded, embed_photos, save_photo_embeddings, target_photos
 from maprl.io import atomic_path, staged_dir, write_json, write_metrics
-from maprl.views import crop_views, far_pairs, pixel_cosine, valid_centres
+from maprl.views import crop_views, far_pairs, pixel_cosine, sample_centres, valid_centres
 
 
 # -- building ------------------------------------------------------------------------------
@@ -70,9 +70,8 @@ def encode_map(
 # -- measurements --------------------------------------------------------------------------
 def _random_positions(ok: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` continuous (x, y) positions whose rounded centre is a valid view centre."""
-    ys, xs = np.nonzero(ok)
-    i = rng.integers(0, len(xs), n)
-    return np.stack([xs[i], ys[i]], 1) + rng.uniform(-0.49, 0.49, (n, 2))
+    xs, ys = sample_centres(ok, n, rng)  # not np.nonzero(ok): GBs of indices on a large map
+    return np.stack([xs, ys], 1) + rng.uniform(-0.49, 0.49, (n, 2))
 
 
 def cache_agreement(space: MapSpace, m: MapData, rng: np.random.Generator, n: int = 200) -> dict[str, float]:
@@ -126,7 +125,9 @@ def retrieval_accuracy(space: MapSpace, queries: np.ndarray, truth: np.ndarray, 
     """Share of queries whose most similar grid embedding lies within ``radius`` of the truth (T, 2)."""
     if len(queries) == 0:
         return float("nan")
-    best = np.argmax(queries @ space.grid_embeddings().T, axis=1)
+    emb = space.grid_embeddings()
+    step = max(1, SIMS_MAX // len(emb))  # queries per product (the default map's targets: all at once)
+    best = np.concatenate([np.argmax(queries[i : i + step] @ emb.T, axis=1) for i in range(0, len(queries), step)])
     return float(np.mean(np.linalg.norm(space.grid_positions()[best] - truth, axis=1) <= radius))
 
 
@@ -147,18 +148,42 @@ def far_pair_similarity(space: MapSpace, m: MapData, rng: np.random.Generator, n
 
 
 # -- stop threshold ------------------------------------------------------------------------
+SIMS_MAX = 1 << 26  # similarities (query x grid node) held at once; the default map's stay in one product
+FAR_KEEP = 1 << 22  # on a large map, the far samples kept: the largest (the quantile and rates need no more)
+
+
 def near_far_similarities(
-    space: MapSpace, queries: np.ndarray, truth: np.ndarray, radius: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Similarities of target photos to grid nodes within ``radius`` (near) and beyond ``2 * radius`` (far)."""
+    space: MapSpace, queries: np.ndarray, truth: np.ndarray, radius: float, keep: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Similarities of target photos to grid nodes within ``radius`` (near) and beyond ``2 * radius`` (far),
+    and the number of far samples; with ``keep``, only the ``keep`` largest far samples are returned."""
     pos, emb = space.grid_positions(), space.grid_embeddings()
-    near, far = [], []
-    for start in range(0, len(queries), 64):
-        sims = queries[start : start + 64] @ emb.T
-        dist = np.linalg.norm(pos[None, :, :] - truth[start : start + 64, None, :], axis=2)
+    batch = max(1, min(64, (1 << 24) // len(pos)))  # 64 queries unless the grid is large
+    near, far, n_far = [], [], 0
+    for start in range(0, len(queries), batch):
+        sims = queries[start : start + batch] @ emb.T
+        dist = np.linalg.norm(pos[None, :, :] - truth[start : start + batch, None, :], axis=2)
         near.append(sims[dist <= radius])
         far.append(sims[dist > 2 * radius])
-    return np.concatenate(near), np.concatenate(far)
+        n_far += len(far[-1])
+        if keep and sum(len(f) for f in far) > 2 * keep:
+            far = [_largest(np.concatenate(far), keep)]
+    return np.concatenate(near), _largest(np.concatenate(far), keep) if keep else np.concatenate(far), n_far
+
+
+def _largest(x: np.ndarray, k: int) -> np.ndarray:
+    return np.partition(x, len(x) - k)[len(x) - k :] if len(x) > k else x
+
+
+def _quantile(far: np.ndarray, n: int, q: float) -> np.floating[Any]:
+    """The ``q`` quantile (linear) of ``n`` samples of which ``far`` holds the largest (all: numpy's),
+    in their dtype."""
+    if len(far) == n:
+        return np.quantile(far, q)
+    top, v = np.sort(far), q * (n - 1)
+    i = int(np.floor(v))
+    a, b = top[i - (n - len(top))], top[min(i + 1, n - 1) - (n - len(top))]
+    return top.dtype.type(a + (b - a) * (v - i))
 
 
 def offset_similarity(space: MapSpace, m: MapData, queries: np.ndarray, truth: np.ndarray, offset: float) -> float:
@@ -184,9 +209,14 @@ def calibrate_stop(
 
     ``train`` and ``test`` are (target embeddings, target xy) pairs; test only reports.
     """
-    near, far = near_far_similarities(space, *train, radius)
-    threshold = float(np.quantile(far, p.stop_quantile) + p.stop_margin) if len(far) else 1.0
-    near_test, far_test = near_far_similarities(space, *test, radius) if len(test[0]) else (near[:0], far[:0])
+    nodes = len(space.grid_positions())
+    big = len(train[0]) * nodes > SIMS_MAX  # keep only the largest far samples, not all of them
+    keep = max(FAR_KEEP, int(np.ceil((1 - p.stop_quantile) * len(train[0]) * nodes)) + 2) if big else 0
+    near, far, n_far = near_far_similarities(space, *train, radius, keep)
+    threshold = float(_quantile(far, n_far, p.stop_quantile) + p.stop_margin) if n_far else 1.0
+    near_test, far_test, n_far_test = (
+        near_far_similarities(space, *test, radius, keep) if len(test[0]) else (near[:0], far[:0], 0)
+    )
     at0 = offset_similarity(space, m, *train, 0.0)
     return {
         "stop_threshold": threshold,
@@ -195,20 +225,23 @@ def calibrate_stop(
         "margin": p.stop_margin,
         "far_quantile_value": threshold - p.stop_margin,
         "far_max": float(far.max()) if len(far) else float("nan"),
-        "far_pass_rate": _rate(far, threshold),
-        "far_pass_rate_test": _rate(far_test, threshold),
+        "far_pass_rate": _rate(far, threshold, n_far),
+        "far_pass_rate_test": _rate(far_test, threshold, n_far_test),
         "near_recall": _rate(near, threshold),
         "near_recall_test": _rate(near_test, threshold),
         "median_similarity_0px": at0,
         "median_similarity_half_radius": offset_similarity(space, m, *train, radius / 2),
         "threshold_below_on_target": bool(threshold < at0),
         "n_targets": len(train[0]),
-        "n_far": len(far),
+        "n_far": n_far,
         "n_near": len(near),
     }
 
 
-def _rate(sims: np.ndarray, threshold: float) -> float:
+def _rate(sims: np.ndarray, threshold: float, n: int | None = None) -> float:
+    """Share of ``n`` samples (default: ``sims``, else ``sims`` holds their largest) at or above ``threshold``."""
+    if n is not None and n != len(sims):
+        return float(np.count_nonzero(sims >= threshold) / n)
     return float(np.mean(sims >= threshold)) if len(sims) else float("nan")
 
 
