@@ -16,7 +16,9 @@ For each size (a fresh subprocess each, so peak memory is that size's own):
   IVF's build time and its recall@1 / @5 of the exact nearest grid nodes;
 * locate, retrieval part: :func:`locate_latency` of one 224 px photo cut from the map: 8 rotated
   embeddings (:func:`~maprl.features.photos.embed_photos`) plus the k=5 query, and how often the
-  best candidate lies within the success radius.
+  best candidate lies within the success radius;
+* full locate: :meth:`~maprl.locator.Locator.locate` with the repository's trained agent and
+  calibration (:func:`full_locate`; exact retrieval), seconds per photo and the share found.
 
 Then the whole encode stage (:func:`~maprl.features.encode.run_encode`: SSL, whose cost does not
 grow with the map, the cache, photo embeddings and the stop calibration, for the tile stage's
@@ -180,8 +182,40 @@ def encode_worker(work: Path, size: int, ssl: bool, n_queries: int) -> dict[str,
         rec[f"locate_s_{name}"] = locate_latency(locate, photos[:10])
         best = np.array([c[0] for c in found])
         rec[f"hit_{name}"] = float(np.mean(np.linalg.norm(best - truth[:10], axis=1) <= radius))
+    rec["locate_s_full"], rec["hit_full"] = full_locate(params, m, space, exact, photos[:10], truth[:10])
     rec["peak_total_gb"] = _peak_gb()
     return rec
+
+
+def full_locate(
+    params: Any, m: Any, space: Any, memory: Any, photos: np.ndarray, truth: np.ndarray
+) -> tuple[float, float]:
+    """Seconds per photo of the whole ``maprl locate`` (heading search, retrieval, the trained agent's
+    flights from ``locate.restarts`` starts, the confidence) on this map, and the share found.
+
+    The agent and the calibration are the repository's (trained on the default map: what is timed
+    is the work, the same on any map; run ``dvc repro`` first); torch threads as the product uses.
+    """
+    import pandas as pd
+
+    from maprl.eval.calibration import load_calibration
+    from maprl.features.nets import configure_torch
+    from maprl.locator import Locator
+    from maprl.nav.runtime import Runtime, read_stop_threshold
+    from maprl.nav.scene import Scene
+
+    configure_torch(params.encoder.torch_threads)
+    empty = pd.DataFrame({"id": np.zeros(0, np.int64), "x": np.zeros(0), "y": np.zeros(0), "split": []})
+    scene = Scene(m, empty, space, params.tile.view_size, params.env.max_nodata)
+    rt = Runtime(
+        scene, memory, read_stop_threshold(REPO / "data" / "features"), n_headings=params.encoder.heading_search
+    )
+    calibrator = load_calibration(REPO / "data" / "eval" / "calibration.json")["methods"]["agent"]
+    loc = Locator(params, rt, calibrator, "agent", REPO / "models" / "memory" / "policy.zip")
+    results = [loc.locate(ph) for ph in photos]  # warm-up, and where each photo landed
+    seconds = locate_latency(loc.locate, photos)
+    found = np.array([[r.pixel_x, r.pixel_y] for r in results])
+    return seconds, float(np.mean(np.linalg.norm(found - truth, axis=1) <= params.evaluate.success_radius))
 
 
 def full_encode_worker(work: Path, size: int, ssl_steps: int | None = None) -> dict[str, Any]:
@@ -232,7 +266,8 @@ def growth(sizes: list[int], values: list[float]) -> float:
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("map px | area Mpx | grid nodes | world s (GB) | read s | cache s | SSL s | encode peak GB | "
             "cache MB mem / disk | search s/query exact / IVF | IVF build s | IVF recall@1 / @5 | "
-            "locate (retrieval part) s exact / IVF | top-1 hit exact / IVF | load avg")  # fmt: skip
+            "locate (retrieval part) s exact / IVF | top-1 hit exact / IVF | full locate s (found) | "
+            "load avg")  # fmt: skip
     lines = ["| " + head + " |", "|" + "---|" * (head.count("|") + 1)]
     for r in rows:
         ssl = f"{r['seconds_ssl']:.0f}" if "seconds_ssl" in r else "-"
@@ -244,7 +279,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['peak_encode_gb']:.2f} | {r['cache_mem_mb']:.0f} / {r['cache_disk_mb']:.0f} | "
             f"{r['search_s_exact']:.3f} / {r['search_s_ivf']:.4f} | {r['seconds_ivf_build']:.1f} | "
             f"{r['recall1']:.3f} / {r['recall5']:.3f} | {r['locate_s_exact']:.2f} / {r['locate_s_ivf']:.2f} | "
-            f"{r['hit_exact']:.1f} / {r['hit_ivf']:.1f} | {r['load']} |"
+            f"{r['hit_exact']:.1f} / {r['hit_ivf']:.1f} | {r['locate_s_full']:.2f} ({r['hit_full']:.1f}) | "
+            f"{r['load']} |"
         )
     return "\n".join(lines)
 
@@ -257,7 +293,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for key, name in (("seconds_cache", "cache build s"), ("peak_encode_gb", "encode peak GB"),
                       ("cache_disk_mb", "cache MB on disk"), ("search_s_exact", "exact search s/query"),
                       ("search_s_ivf", "IVF search s/query"), ("locate_s_exact", "locate (retrieval part) exact s"),
-                      ("locate_s_ivf", "locate (retrieval part) IVF s")):  # fmt: skip
+                      ("locate_s_ivf", "locate (retrieval part) IVF s"),
+                      ("locate_s_full", "full locate s")):  # fmt: skip
         vals = [float(r[key]) for r in rows]
         out.append(f"- {name}: b = {growth(sizes, vals):.2f}; at {big['size']}²: {vals[-1] / mpx:.4g} per Mpx")
     return "\n".join(out)

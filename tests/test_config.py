@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,11 @@ def test_readme_params_table_is_current() -> None:
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- params:start -->\n")[1].split("\n<!-- params:end -->")[0]
     assert block == params_table(), "README params table is stale: run `maprl params-table`"
+
+
+def test_readme_result_tables_are_the_committed_metrics() -> None:
+    """scripts/readme_results.py writes the README's result tables from metrics/*.json; they must agree."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "readme_results.py"), "--check"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
