@@ -313,7 +313,7 @@ class Locator:
             pixel_y=round(float(xy[1]), 2),
             heading_deg=round(heading, 1),
             heading_source=prep.heading_source,
-            gsd_m=round(prep.gsd_m, 4) if prep.gsd_m is not None else None,
+            gsd_m=round(prep.gsd_m, 4) if prep.gsd_m is not None else (round(gsd, 4) if gsd else None),
             gsd_source=prep.gsd_source,
             scale=round(prep.scale, 4),
             method=self.method,
