@@ -38,7 +38,7 @@ from maprl.eval.calibration import Calibrator, load_calibration
 from maprl.eval.locate import EVIDENCE, embed_aligned, locate_photos, method_setup
 from maprl.features.nets import configure_torch
 from maprl.features.photos import Embedded
-from maprl.nav.runtime import Runtime, asset_fingerprint, load_map_runtime
+from maprl.nav.runtime import Runtime, asset_fingerprint, fingerprint_differences, load_map_runtime
 
 
 @dataclass
@@ -112,14 +112,10 @@ class _Prepared:
     seconds: float
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [f"{k} {a.get(k)} != {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
 def check_policy(path: str | Path, params: Params, assets: dict[str, Any], where: str) -> None:
     """The policy at ``path`` was trained on these assets (map, features, stop) with these env settings."""
     info = read_policy_info(path)
-    differ = _differences({k: info["data"].get(k) for k in assets}, assets)
+    differ = fingerprint_differences({k: info["data"].get(k) for k in assets}, assets)
     if differ:
         raise InputError(
             f"policy {path} was trained on another map or feature cache than {where} ({'; '.join(differ)}); "
@@ -129,7 +125,7 @@ def check_policy(path: str | Path, params: Params, assets: dict[str, Any], where
     ap = agent_variant(params, "memory")
     trained = {"view_size": info.get("view_size"), "env": info.get("env"), "agent": info.get("agent")}
     wanted = {"view_size": ap.tile.view_size, "env": ap.env.model_dump(), "agent": ap.agent.model_dump()}
-    differ = _differences(trained, wanted)
+    differ = fingerprint_differences(trained, wanted)
     if differ:
         raise InputError(
             f"policy {path} was trained with other params than the params file gives "
@@ -139,7 +135,7 @@ def check_policy(path: str | Path, params: Params, assets: dict[str, Any], where
 
 def check_calibration(raw: dict[str, Any], path: str | Path, params: Params, assets: dict[str, Any]) -> None:
     """The calibration at ``path`` was fitted on these assets with these locate settings."""
-    differ = _differences(raw["assets"], assets)
+    differ = fingerprint_differences(raw["assets"], assets)
     if differ:
         raise InputError(
             f"confidence calibration {path} belongs to another map or feature cache ({'; '.join(differ)}); "
@@ -147,7 +143,7 @@ def check_calibration(raw: dict[str, Any], path: str | Path, params: Params, ass
         )
     now = {"restarts": params.locate.restarts, "max_steps": params.evaluate.max_steps,
            "success_radius": params.evaluate.success_radius, "view_size": params.tile.view_size}  # fmt: skip
-    differ = _differences(raw["settings"], now)
+    differ = fingerprint_differences(raw["settings"], now)
     if differ:
         raise InputError(
             f"confidence calibration {path} was fitted with other settings ({'; '.join(differ)}); "
@@ -283,9 +279,7 @@ class Locator:
         xy = res.xy[i]
         lon, lat = (float(v[0]) for v in m.pixel_to_lonlat(xy[:1], xy[1:]))
         has_crs = m.crs is not None
-        t = m.transform
-        col, row = xy[0] + 0.5, xy[1] + 0.5
-        cx, cy = t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+        cx, cy = m.pixel_to_crs(xy[0], xy[1])
         far = np.hypot(*(res.candidates[i] - xy).T) > radius
         alts = []
         for rank, j in enumerate(np.flatnonzero(far)[: lp.top_k], start=1):

@@ -74,11 +74,15 @@ class MapData:
         d = np.asarray(a, float) - np.asarray(b, float)
         return np.hypot(d[..., 0] * mx, d[..., 1] * my)
 
-    def pixel_to_lonlat(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pixel centres (column x, row y, fractional allowed) to lon/lat degrees."""
+    def pixel_to_crs(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel centres (column x, row y, fractional allowed) to map CRS coordinates."""
         t = self.transform
         col, row = np.asarray(x, float) + 0.5, np.asarray(y, float) + 0.5
-        xs, ys = t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+        return t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+
+    def pixel_to_lonlat(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel centres (column x, row y, fractional allowed) to lon/lat degrees."""
+        xs, ys = self.pixel_to_crs(x, y)
         if self.crs is None:
             return np.full_like(np.asarray(xs, float), np.nan), np.full_like(np.asarray(ys, float), np.nan)
         lon, lat = warp_transform(self.crs, "EPSG:4326", np.atleast_1d(xs).tolist(), np.atleast_1d(ys).tolist())

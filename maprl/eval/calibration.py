@@ -31,10 +31,9 @@ import numpy as np
 import pandas as pd
 
 from maprl.config import LOCATE_METHODS, Params
-from maprl.data.perturb import context_side, crop_centre, rotate
 from maprl.errors import InputError
 from maprl.eval.locate import EVIDENCE, embed_aligned, locate_photos, method_setup
-from maprl.features.photos import Embedded, cut_context, randomized_photos, target_photos
+from maprl.features.photos import Embedded, perturbed_photos, randomized_photos, target_photos
 from maprl.io import write_json
 from maprl.nav.runtime import Runtime, asset_fingerprint
 
@@ -54,14 +53,6 @@ class QuerySet:
     heading_deg: np.ndarray  # (N,) true heading (clockwise), NaN where unknown
 
 
-def _rotated(rgb: np.ndarray, xy: np.ndarray, view: int, angles: np.ndarray) -> np.ndarray:
-    side = context_side(view)
-    out = np.empty((len(xy), view, view, 3), np.uint8)
-    for i, ((x, y), a) in enumerate(zip(xy, angles, strict=True)):
-        out[i] = crop_centre(rotate(cut_context(rgb, float(x), float(y), view, side), float(a)), view)
-    return out
-
-
 def calibration_queries(rt: Runtime, split: str, seed: int, strength: float) -> QuerySet:
     """One photo of every kind (module docstring) for each target of ``split``."""
     sc = rt.scene
@@ -79,8 +70,8 @@ def calibration_queries(rt: Runtime, split: str, seed: int, strength: float) -> 
         mine = np.flatnonzero(pick == k)
         perturbed[mine] = randomized_photos(rt.imagery[name], xy[mine], view, strength, rng, n_kinds=1)
     parts.append(("perturbed", perturbed, True, np.full(len(rows), np.nan)))
-    angles = rng.uniform(0.0, 360.0, len(rows))
-    parts.append(("rotated", _rotated(sc.map.rgb, xy, view, angles), True, angles))
+    rotated, angles = perturbed_photos(sc.map.rgb, xy, view, "rotation", 1.0, rng)  # any heading
+    parts.append(("rotated", rotated, True, np.mod(angles, 360.0)))
     parts.append(("foreign", same[:, :, ::-1].copy(), False, np.full(len(rows), np.nan)))
     n = len(rows)
     return QuerySet(

@@ -28,6 +28,7 @@ import pandas as pd
 from scipy.stats import qmc
 
 from maprl.config import Params, agent_variant
+from maprl.data.perturb import rotate
 from maprl.eval.agents import AgentController, load_policy
 from maprl.eval.baselines import ControllerFactory, RetrieveThenFly
 from maprl.eval.episodes import make_eval_env, run_episodes
@@ -77,8 +78,6 @@ def restart_starts(scene: Scene, n: int) -> np.ndarray:
 
 def embed_aligned(rt: Runtime, photos: np.ndarray, align_deg: np.ndarray | None) -> Embedded:
     """Photos embedded at their best heading of ``rt.n_headings``, or turned by the given ``align_deg``."""
-    from maprl.data.perturb import rotate
-
     space, memory = rt.scene.space, rt.memory
     if align_deg is None:
         return embed_photos(space, memory, photos, rt.n_headings, accept=rt.stop_threshold)

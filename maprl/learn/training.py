@@ -39,7 +39,7 @@ from maprl.eval.evaluate import evaluate_model
 from maprl.features.nets import configure_torch
 from maprl.io import atomic_path, staged_dir, write_json, write_metrics
 from maprl.learn.policies import MapRLNetwork, MapRLPolicy
-from maprl.nav.runtime import Runtime, data_fingerprint, load_runtime, nav_config
+from maprl.nav.runtime import Runtime, data_fingerprint, fingerprint_differences, load_runtime, nav_config
 from maprl.nav.vecenv import NavVecEnv
 
 
@@ -310,17 +310,6 @@ def run_fingerprint(params: Params, rt: Runtime, hparams: dict[str, Any] | None)
     return dict(json.loads(json.dumps(fingerprint)))
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def load_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """The saved state if a usable checkpoint of this very run is in ``folder``; else None, saying why."""
     if not (folder / CHECKPOINT_FILE).exists():
@@ -332,7 +321,7 @@ def load_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]
     except (OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as err:
         print(f"train: the checkpoint in {folder} is incomplete ({type(err).__name__}); starting fresh")
         return None
-    differ = _differences(old, fingerprint)
+    differ = fingerprint_differences(old, fingerprint)
     if differ:
         shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
         print(f"train: the checkpoint in {folder} was made with other params or data ({shown}); starting fresh")

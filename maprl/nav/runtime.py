@@ -153,6 +153,18 @@ def asset_fingerprint(rt: Runtime) -> dict[str, Any]:
     }
 
 
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two (nested) fingerprints."""
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def data_fingerprint(rt: Runtime) -> dict[str, Any]:
     """:func:`asset_fingerprint` plus the targets, their splits and photos: what a training trial sees."""
     sc = rt.scene
