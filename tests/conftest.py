@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,18 @@ def make_map(size: int = 128, seed: int = 0, nodata_corner: int = 0) -> MapData:
         valid[:nodata_corner, :nodata_corner] = False
     elev = np.linspace(100, 140, size * size, dtype=np.float32).reshape(size, size)
     return MapData(rgb, elev, valid, from_origin(500000, 5150000, 2.0, 2.0), utm_crs(46.5, 6.6))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny inputs gain nothing from threads, and a busy machine slows OpenMP threads badly
+    (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import urllib.error
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +37,7 @@ NATURE = {"kind": "nature_cnn", "weights": "random", "input_size": 64, "cache_st
 SSL = {"kind": "nature_cnn", "weights": "ssl", "input_size": 32, "torch_threads": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from threads, and a busy machine slows OpenMP threads badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ equals the plain one, and the FAISS map memory agrees with the exact one (tiny i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,7 @@ from maprl.views import valid_centres
 
 from conftest import make_map, textured_rgb
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("kind", ["impala_cnn", "nature_cnn"])
