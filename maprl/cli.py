@@ -185,7 +185,13 @@ def cmd_locate(args: argparse.Namespace) -> Any:
     from maprl.locator import Locator
 
     loc = Locator.load(args.params, args.map, args.features, args.policy, args.calibration, args.method)
-    results = loc.locate_many(args.photos, gsd=args.gsd, heading=args.heading, progress=len(args.photos) > 1)
+    photos, shown = args.photos, []
+    if args.plot and len(photos) == 1:  # the plot shows the photo as given: decode it once, for both
+        from maprl.data.photo import read_photo
+
+        photos = [read_photo(photos[0])]
+        shown = [photos[0].rgb]
+    results = loc.locate_many(photos, gsd=args.gsd, heading=args.heading, progress=len(photos) > 1)
     collection = loc.geojson(results) if args.geojson else None  # built (and checked) before anything is written
     if args.out:
         import pandas as pd
@@ -194,9 +200,6 @@ def cmd_locate(args: argparse.Namespace) -> Any:
     if collection is not None:
         write_json(args.geojson, collection)
     if args.plot:
-        from maprl.data.photo import read_photo
-
-        shown = [read_photo(args.photos[0]).rgb] if len(results) == 1 else []
         loc.plot(results, args.plot, shown)
     out = [r.to_dict() for r in results]
     if not args.path:
