@@ -162,6 +162,16 @@ class EnvParams(_Section):
     max_nodata: float = Field(
         0.5, ge=0, lt=1, description="Largest share of a view without imagery that a move may enter."
     )
+    actions: Literal["continuous", "discrete", "candidates"] = Field(
+        "continuous",
+        description="continuous: Box(2); discrete: 8 compass moves; candidates: fly to a candidate, refine, move on.",
+    )
+    stop_action: bool = Field(
+        False, description="Add a STOP action: the episode ends when the agent stops, a success only inside the radius."
+    )
+    stop_penalty: float = Field(
+        10.0, ge=0, le=1e6, description="stop_action: reward lost by stopping outside the success radius (training)."
+    )
 
 
 class EncoderParams(_Section):
@@ -225,6 +235,14 @@ class AgentParams(_Section):
     nav: bool = Field(
         True, description="Give the policy the nav vector; false: the two views only (the original design)."
     )
+    sim_history: int = Field(0, ge=0, le=64, description="Own similarities of the last N steps in the nav vector.")
+    candidate_view_sim: bool = Field(
+        False, description="Per candidate, the similarity of the current view to the map's view there."
+    )
+    portable: bool = Field(
+        False,
+        description="The nav vector only, similarities relative to the stop threshold: transfers to other maps.",
+    )
 
 
 class TrainParams(_Section):
@@ -232,7 +250,13 @@ class TrainParams(_Section):
         "tuned", description="tuned: best trial of the tune stage (models/best_hparams.yaml); params: the values below."
     )
     algo: Literal["ppo", "recurrent_ppo"] = "ppo"
+    init_from: str | None = Field(
+        None, description="A trained policy.zip to fine-tune (with this run's budget) instead of starting fresh."
+    )
     total_timesteps: int = Field(300_000, ge=64, le=1_000_000_000)
+    imitate: int = Field(
+        0, ge=0, le=100_000_000, description="Timesteps of cloning the scripted search before RL (candidates + STOP)."
+    )
     n_envs: int = Field(32, ge=1, le=4096)
     max_steps: int = Field(100, ge=1, le=100_000, description="Episode step budget while training.")
     shaping: float = Field(
@@ -277,6 +301,8 @@ class TrainParams(_Section):
     def _check(self) -> TrainParams:
         if self.batch_size > self.n_steps * self.n_envs:
             raise ValueError("batch_size must be <= n_steps * n_envs (one rollout)")
+        if self.imitate and self.algo != "ppo":
+            raise ValueError("imitate needs algo: ppo")
         return self
 
 
@@ -573,12 +599,36 @@ class Params(_Section):
     robustness: RobustnessParams = RobustnessParams()
     locate: LocateParams = LocateParams()
 
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        if self.env.actions == "candidates" and self.agent.memory != "retrieval":
+            raise ValueError("env.actions: candidates needs agent.memory: retrieval (the candidates come from it)")
+        if self.agent.portable and not self.agent.nav:
+            raise ValueError("agent.portable: true needs agent.nav: true (a portable policy sees the nav vector only)")
+        return self
 
-AGENTS = ("memory", "randomized", "nomemory", "original")
+
+AGENTS = ("memory", "randomized", "nomemory", "original", "search")
 """The trained agents: ``memory`` as configured but trained on unperturbed target photos;
 ``randomized``, the same trained on photos perturbed up to ``train.randomize`` (domain
 randomization); ``nomemory`` without the map memory (an ablation); ``original``, the original
-design: the two views only, the seed reward, no shaping."""
+design: the two views only, the seed reward, no shaping; ``search``, the searcher of
+:data:`SEARCH_AGENT` (candidate actions with an explicit STOP, trained on randomized photos and
+decoys)."""
+
+SEARCH_AGENT: dict[str, dict[str, Any]] = {
+    "env": {"actions": "candidates", "stop_action": True},
+    "agent": {"n_candidates": 5, "sim_history": 4, "candidate_view_sim": True, "portable": True},
+    "train": {"decoy_rate": 0.5},
+}
+SEARCH_IMITATE_SHARE = 0.2
+"""``train@search`` clones the scripted search for this share of ``train.total_timesteps`` (unless
+``train.imitate`` is set) before PPO."""
+"""What ``train@search`` changes from params.yaml: it picks among 5 retrieval candidates (fly to one,
+refine, move on, STOP), sees its recent similarities and how its view compares with each candidate's
+(the nav vector only, similarities relative to the stop threshold: portable to other maps),
+and trains with decoys in half its episodes, on photos randomized as ``train@randomized``'s, after a
+warm start that clones the scripted search (:mod:`maprl.learn.imitation`)."""
 
 
 def agent_variant(params: Params, agent: str) -> Params:
@@ -589,10 +639,19 @@ def agent_variant(params: Params, agent: str) -> Params:
         return params
     if agent == "memory":
         return params.model_copy(update={"train": params.train.model_copy(update={"randomize": 0.0})})
-    a = params.agent.model_copy(update={"memory": "none"})
-    update: dict[str, Any] = {"agent": a, "train": params.train.model_copy(update={"randomize": 0.0})}
+    if agent == "search":
+        sections = {k: getattr(params, k).model_copy(update=v) for k, v in SEARCH_AGENT.items()}
+        imitate = params.train.imitate or int(SEARCH_IMITATE_SHARE * params.train.total_timesteps)
+        sections["train"] = sections["train"].model_copy(update={"imitate": imitate})
+        return params.model_copy(update=sections)
+    a = params.agent.model_copy(update={"memory": "none", "portable": False})
+    env = params.env
+    if env.actions == "candidates":  # no memory, no candidates: the ablation moves as the default does
+        env = env.model_copy(update={"actions": "continuous"})
+    update: dict[str, Any] = {"agent": a, "env": env, "train": params.train.model_copy(update={"randomize": 0.0})}
     if agent == "original":
         update["agent"] = a.model_copy(update={"nav": False})
+        update["env"] = env.model_copy(update={"actions": "continuous", "stop_action": False})
         update["train"] = params.train.model_copy(update={"shaping": 0.0, "decoy_rate": 0.0, "randomize": 0.0})
     return params.model_copy(update=update)
 

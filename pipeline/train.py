@@ -1,4 +1,4 @@
-"""DVC stage ``train``: train one agent (memory, nomemory or original) with PPO on the batched feature env."""
+"""DVC stage ``train``: train one agent (memory, randomized, nomemory, original or search) on the batched feature env."""
 
 from pathlib import Path
 
@@ -10,7 +10,7 @@ if __name__ == "__main__":
     args = stage_parser(
         "train",
         [
-            ("--agent", "memory | nomemory | original"),
+            ("--agent", "memory | randomized | nomemory | original | search"),
             ("--map", "map GeoTIFF"),
             ("--targets", "targets table"),
             ("--features", "encode stage output"),

@@ -24,6 +24,7 @@ ROWS = [
     ("agent_randomized", "agent_randomized (domain randomization)"),
     ("agent_nomemory", "agent_nomemory (no map memory)"),
     ("agent_original", "agent_original (the original design)"),
+    ("agent_search", "agent_search (candidate actions + STOP, decoys)"),
     ("random_walk", "random walk"),
     ("lawnmower", "lawnmower sweep"),
     ("greedy", "greedy hill-climbing"),

@@ -112,4 +112,5 @@ class AgentController:
             actions, self.state = self.model.predict(obs, state=self.state, episode_start=start, deterministic=True)
         else:
             actions, _ = self.model.predict(obs, deterministic=True)
-        return np.asarray(actions, np.float32).reshape(venv.num_envs, 2)
+        space = venv.action_space
+        return np.asarray(actions, space.dtype).reshape(venv.num_envs, *(space.shape or ()))

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import fft as sfft
 
 from maprl.features.memory import MapMemory
+from maprl.nav.actions import fly_action
 
 if TYPE_CHECKING:
     from maprl.nav.core import NavCore
@@ -46,17 +47,6 @@ class Controller(Protocol):
 
 
 ControllerFactory = Callable[[], Controller]
-
-
-def fly_action(pos: np.ndarray, goal: np.ndarray, step_px: float) -> np.ndarray:
-    """Actions that fly straight from ``pos`` to ``goal`` (both (N, 2)) at full step.
-
-    The offset in steps is scaled down (never clipped per axis) into the unit box, so the
-    path is a straight line and the last step lands exactly on the goal.
-    """
-    a = (np.asarray(goal, float) - np.asarray(pos, float)) / step_px
-    scale = np.maximum(1.0, np.abs(a).max(axis=1, keepdims=True))
-    return (a / scale).astype(np.float32)
 
 
 # -- image-blind -------------------------------------------------------------------------------

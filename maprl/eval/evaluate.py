@@ -52,6 +52,7 @@ AGENT_ROWS = {
     "randomized": "agent_randomized",
     "nomemory": "agent_nomemory",
     "original": "agent_original",
+    "search": "agent_search",
 }
 """The method name of each trained agent in the results."""
 

@@ -50,18 +50,21 @@ class MapRLNetwork(BaseFeaturesExtractor):
     """Target + current -> 2560 -> 128 -> 64, plus the ``nav`` vector when present."""
 
     def __init__(self, observation_space: spaces.Dict, hidden: int = 128, out: int = 64, input_size: int = 224) -> None:
-        target = observation_space["target"]
-        assert isinstance(target, spaces.Box)
+        target = observation_space.spaces.get("target")
         nav = observation_space.spaces.get("nav")
         nav_dim = int(nav.shape[0]) if nav is not None and nav.shape is not None else 0
-        super().__init__(observation_space, features_dim=out + nav_dim)
-        self.pixels = len(target.shape or ()) == 3
+        self.views = target is not None  # false: a portable policy, the nav vector alone
+        super().__init__(observation_space, features_dim=(out if self.views else 0) + nav_dim)
+        shape = target.shape if isinstance(target, spaces.Box) and target.shape is not None else (0,)
+        self.pixels = len(shape) == 3
         self.trunk: PixelTrunk | None = PixelTrunk(input_size) if self.pixels else None
-        emb_dim = self.trunk.out_dim if self.trunk is not None else int((target.shape or (0,))[0])
-        self.head = _head(2 * emb_dim, hidden, out)
+        emb_dim = self.trunk.out_dim if self.trunk is not None else int(shape[0])
+        self.head = _head(2 * emb_dim, hidden, out) if self.views else None
         self.nav_dim = nav_dim
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.head is None:
+            return obs["nav"]
         t, c = obs["target"], obs["current"]
         if self.trunk is not None:
             both = self.trunk(torch.cat([t, c], dim=0).float())

@@ -12,6 +12,7 @@ timesteps as an uninterrupted one, and its evaluation history continues where it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -38,6 +39,7 @@ from maprl.eval.agents import POLICY_INFO, algo_class, load_policy
 from maprl.eval.evaluate import evaluate_model
 from maprl.features.nets import configure_torch
 from maprl.io import atomic_path, staged_dir, write_json, write_metrics
+from maprl.learn.imitation import clone_expert
 from maprl.learn.policies import MapRLNetwork, MapRLPolicy
 from maprl.nav.runtime import Runtime, data_fingerprint, fingerprint_differences, load_runtime, nav_config
 from maprl.nav.vecenv import NavVecEnv
@@ -130,6 +132,30 @@ def build_model(p: TrainParams, venv: Any, seed: int, hparams: dict[str, Any] | 
         policy_kwargs = {"features_extractor_class": MapRLNetwork, "lstm_hidden_size": 64}
         return cls("MultiInputLstmPolicy", venv, policy_kwargs=policy_kwargs, **common, **kw)
     return cls(MapRLPolicy, venv, **common, **kw)
+
+
+def init_model(p: TrainParams, venv: Any, seed: int, hparams: dict[str, Any] | None = None) -> BaseAlgorithm:
+    """A new model (this run's hyperparameters and budget) starting from the weights of ``train.init_from``.
+
+    The saved policy must have been trained on the same observation and action spaces; if not,
+    a :class:`~maprl.errors.ParamsError` says which differs and how to fix it.
+    """
+    assert p.init_from is not None
+    path = Path(p.init_from)
+    old = load_policy(path, p.algo)
+    for name, theirs, mine in (
+        ("observation", old.observation_space, venv.observation_space),
+        ("action", old.action_space, venv.action_space),
+    ):
+        if theirs != mine:
+            raise ParamsError(
+                f"train.init_from: {path} was trained with the {name} space {theirs}, but this run's env has {mine}; "
+                "fine-tune with the env.actions, env.stop_action and agent.* settings it was trained with, or "
+                "drop train.init_from to train from scratch"
+            )
+    model = build_model(p, venv, seed, hparams)
+    model.policy.load_state_dict(old.policy.state_dict())
+    return model
 
 
 def _tensorboard_dir(p: TrainParams) -> str | None:
@@ -307,6 +333,9 @@ def run_fingerprint(params: Params, rt: Runtime, hparams: dict[str, Any] | None)
         "evaluate": params.evaluate.model_dump(include={"max_steps", "success_radius"}),
         "data": data_fingerprint(rt),
     }
+    if params.train.init_from is not None:  # the weights a fine-tuning run starts from
+        start = Path(params.train.init_from)
+        fingerprint["init_from_sha256"] = hashlib.sha256(start.read_bytes()).hexdigest() if start.exists() else None
     return dict(json.loads(json.dumps(fingerprint)))
 
 
@@ -355,7 +384,14 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
     venv = VecMonitor(make_train_env(params, rt, "train", p.n_envs, params.base.seed, hparams))
     fingerprint = run_fingerprint(params, rt, hparams)
     resumed, history = _resume(p, paths, venv, fingerprint)
-    model = resumed or build_model(p, venv, params.base.seed, hparams)
+    if resumed is None and p.init_from is not None:
+        print(f"train: fine-tuning {p.init_from} for {p.total_timesteps} timesteps")
+    fresh = init_model if p.init_from is not None else build_model
+    model = resumed or fresh(p, venv, params.base.seed, hparams)
+    imitation = None
+    if resumed is None and p.imitate:
+        imitation = clone_expert(model, venv, _training_env(model).core, p.imitate)
+        print(f"train: cloned the scripted search for {p.imitate} timesteps (it takes {imitation:.1%} of its actions)")
     done = int(model.num_timesteps)
     live = Live(str(paths.live), dvcyaml=None, save_dvc_exp=False, resume=done > 0, report=None)
     model.set_logger(Logger(None, [DVCLiveWriter(live), make_output_format("csv", str(paths.live))]))
@@ -382,6 +418,7 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
         "algo": p.algo,
         "memory": params.agent.memory,
         "nav": params.agent.nav,
+        "imitation_agreement": None if imitation is None else round(imitation, 4),
         "val": {k: final["val"][k] for k in ("success_rate", "spl")},
         "test": {k: final["test"][k] for k in ("success_rate", "spl")},
     }

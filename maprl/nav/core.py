@@ -10,11 +10,21 @@ Feature observation (``obs_features``):
 |---------|-------|----------------------------------------------------------------------|
 | target  | (D,)  | embedding of the target view                                         |
 | current | (D,)  | embedding of the current view (a cache lookup)                       |
-| nav     | (M,)  | position in [-1, 1], previous action, current similarity, and with   |
+| nav     | (M,)  | position in [-1, 1], previous move, current similarity, and with     |
 |         |       | ``memory=retrieval`` for each of k candidates: its position, its     |
 |         |       | offset from the agent (map units and steps), its similarity, whether |
 |         |       | the agent has visited it this episode; then the margin between the   |
-|         |       | best two candidates                                                  |
+|         |       | best two candidates. Then, if asked: the own similarity of the last  |
+|         |       | ``agent.sim_history`` steps (newest first), and per candidate the    |
+|         |       | similarity of the current view to the map's view at the candidate    |
+|         |       | (``agent.candidate_view_sim``: "am I there, and does it match?")     |
+
+With ``agent.portable`` the observation is ``nav`` alone and every similarity in it is given
+relative to the map's calibrated stop threshold (``sim - stop_threshold``), so that a policy
+trained on one map reads another map's evidence on the same scale.
+
+Actions and STOP: see :mod:`maprl.nav.actions`. With ``env.stop_action`` the episode ends when
+the agent stops, and ``is_success`` needs the stop to be inside the success radius.
 
 Decoys (``decoy_rate``): a stress test of the map memory. In that share of episodes the top
 retrieval candidate is replaced by a *decoy*, a place at least ``DECOY_DISTANCE_RADII``
@@ -35,7 +45,9 @@ import numpy as np
 
 from maprl.config import AgentParams, EnvParams
 from maprl.features.memory import MapMemory
+from maprl.nav.actions import COMPASS, REFINE_STEP, action_space, as_actions, fly_action
 from maprl.nav.reward import reward as step_reward
+from maprl.nav.reward import stop_reward
 from maprl.nav.scene import Scene
 
 
@@ -71,6 +83,10 @@ class NavConfig:
             "action_scale": 0.0 < self.action_scale <= 10.0,
             "action_noise": 0.0 <= self.action_noise <= 10.0,
         }  # written so that NaN fails each of them
+        if self.env.actions == "candidates" and not self.retrieval:
+            raise ValueError(
+                "NavConfig: env.actions candidates needs agent.memory retrieval (the candidates come from it)"
+            )
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
@@ -99,8 +115,14 @@ class NavConfig:
         a = self.agent
         if not a.nav:
             return 0
-        base = 2 * a.include_position + 2 * a.include_prev_action + 1
-        return base + (8 * a.n_candidates + 1 if self.retrieval else 0)
+        base = 2 * a.include_position + 2 * a.include_prev_action + 1 + a.sim_history
+        if not self.retrieval:
+            return base
+        return base + 8 * a.n_candidates + 1 + a.n_candidates * a.candidate_view_sim
+
+    def action_space(self) -> Any:
+        """The Gymnasium action space of ``env.actions`` / ``env.stop_action``."""
+        return action_space(self.env.actions, self.env.stop_action, self.agent.n_candidates)
 
     @property
     def decoys(self) -> bool:
@@ -119,7 +141,10 @@ def draw_decoy(scene: Scene, cfg: NavConfig, target_xy: np.ndarray, rng: np.rand
 
 
 class NavCore:
-    STATE = ("ep_cands", "visited", "pos", "rows", "steps", "prev_action", "path_len", "start_dist", "sim", "cur_emb")
+    STATE = (
+        "ep_cands", "cand_embs", "cand_seen", "visited", "pos", "rows", "steps", "prev_action", "path_len",
+        "start_dist", "sim", "sim_hist", "cur_emb", "stopped",
+    )  # fmt: skip
     """The per-agent arrays that make up the agents' state (what a checkpoint saves)."""
 
     def __init__(self, scene: Scene, n: int, cfg: NavConfig, memory: MapMemory | None = None) -> None:
@@ -127,12 +152,15 @@ class NavCore:
             raise ValueError("memory: retrieval needs a MapMemory")
         self.scene, self.n, self.cfg = scene, n, cfg
         self.step_px = cfg.env.action_step * scene.step_scale
+        self.action_space = cfg.action_space()
         self.target_embs = scene.target_embeddings()
         self.targets_xy = scene.targets_xy
         if cfg.retrieval and memory is not None:
             self.cands, self.cand_sims = memory.query(self.target_embs, cfg.agent.n_candidates)
         k = cfg.agent.n_candidates
         self.ep_cands = np.zeros((n, k, 2))  # this episode's candidates (decoy first, if any)
+        self.cand_embs = np.zeros((n, k, scene.space.dim), np.float32)  # the map's view at each candidate
+        self.cand_seen = np.full((n, k), -np.inf)  # best own similarity seen at each candidate
         self.visited = np.zeros((n, k), bool)
         self.centre = np.array([scene.map.width, scene.map.height], float) / 2
         self.pos = np.zeros((n, 2))
@@ -142,7 +170,9 @@ class NavCore:
         self.path_len = np.zeros(n)
         self.start_dist = np.zeros(n)
         self.sim = np.zeros(n, np.float32)
+        self.sim_hist = np.zeros((n, cfg.agent.sim_history), np.float32)  # previous similarities, newest first
         self.cur_emb = np.zeros((n, scene.space.dim), np.float32)
+        self.stopped = np.zeros(n, bool)
         self._noise = np.random.default_rng(0)  # dynamics noise (action_noise > 0 only; evaluation)
 
     # -- state ----------------------------------------------------------------------------
@@ -168,9 +198,11 @@ class NavCore:
         self.prev_action[idx] = 0
         self.path_len[idx] = 0
         self.start_dist[idx] = self.distance(idx)
+        self.stopped[idx] = False
+        self._embed(idx)
+        self.sim_hist[idx] = self.sim[idx, None]
         if self.cfg.retrieval:
             self._set_candidates(idx, rows, decoys)
-        self._embed(idx)
 
     def _set_candidates(self, idx: np.ndarray, rows: np.ndarray, decoys: np.ndarray | None) -> None:
         cands = self.cands[rows].copy()
@@ -178,7 +210,12 @@ class NavCore:
             has = ~np.isnan(np.asarray(decoys, float)).any(axis=1)
             cands[has] = np.concatenate([np.asarray(decoys, float)[has, None], cands[has, :-1]], axis=1)
         self.ep_cands[idx] = cands
+        k = cands.shape[1]
+        self.cand_embs[idx] = self.scene.space.embed_at(cands[..., 0].ravel(), cands[..., 1].ravel()).reshape(
+            len(idx), k, -1
+        )
         self.visited[idx] = False
+        self.cand_seen[idx] = -np.inf
         self._mark_visited(idx)
 
     def at_candidates(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
@@ -187,40 +224,90 @@ class NavCore:
         return d <= 0.5 * self.cfg.success_radius
 
     def _mark_visited(self, idx: np.ndarray | slice) -> None:
-        self.visited[idx] |= self.at_candidates(idx)
+        at = self.at_candidates(idx)
+        self.visited[idx] |= at
+        self.cand_seen[idx] = np.where(at, np.maximum(self.cand_seen[idx], self.sim[idx, None]), self.cand_seen[idx])
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Move every agent: returns reward, terminated (own stop rule), truncated."""
-        a = np.clip(np.asarray(actions, np.float64).reshape(self.n, 2), -1.0, 1.0)
+    def next_candidate(self) -> np.ndarray:
+        """(n,) the candidate "move on" flies to: the first not yet visited, else the best-matching one seen."""
+        unvisited = ~self.visited
+        return np.where(unvisited.any(axis=1), unvisited.argmax(axis=1), self.cand_seen.argmax(axis=1))
+
+    def _refine(self, idx: np.ndarray) -> np.ndarray:
+        """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
+        m = len(COMPASS)
+        probes = self.pos[idx, None, :] + COMPASS[None] * (REFINE_STEP * self.step_px)
+        px, py = self.scene.clip(probes[..., 0].ravel(), probes[..., 1].ravel())
+        emb = self.scene.space.embed_at(px, py).reshape(len(idx), m, -1)
+        sims = np.einsum("nmd,nd->nm", emb, self.target_embs[self.rows[idx]])
+        sims[~self.scene.is_valid(px, py).reshape(len(idx), m)] = -np.inf
+        best = np.argmax(sims, axis=1)
+        better = sims[np.arange(len(idx)), best] > self.sim[idx] + 1e-6
+        return np.where(better[:, None], COMPASS[best] * REFINE_STEP, 0.0)
+
+    def decode(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Actions of :attr:`action_space` as moves (n, 2) in action units and STOP flags (n,)."""
+        a = as_actions(actions, self.action_space, self.n)
+        kind, stop_action = self.cfg.env.actions, self.cfg.env.stop_action
+        if kind == "continuous":
+            stop = a[:, 2] > 0 if stop_action else np.zeros(self.n, bool)
+            return np.where(stop[:, None], 0.0, a[:, :2]), stop
+        stop = a == self.action_space.n - 1 if stop_action else np.zeros(self.n, bool)
+        if kind == "discrete":
+            return np.where(stop[:, None], 0.0, COMPASS[np.minimum(a, len(COMPASS) - 1)]), stop
+        k, rows = self.cfg.agent.n_candidates, np.arange(self.n)
+        goal = self.pos.copy()
+        pick, on = a < k, a == k + 1
+        goal[pick] = self.ep_cands[rows[pick], a[pick]]
+        goal[on] = self.ep_cands[rows[on], self.next_candidate()[on]]
+        move = fly_action(self.pos, goal, self.step_px).astype(np.float64)
+        refine = np.flatnonzero(a == k)
+        if len(refine):
+            move[refine] = self._refine(refine)
+        return np.where(stop[:, None], 0.0, move), stop
+
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Act for every agent: returns reward, terminated (STOP, or else the own stop rule), truncated."""
+        a, stop = self.decode(actions)
         before = self.distance()
         old = self.pos.copy()
         move = a * (self.step_px * self.cfg.action_scale)
         if self.cfg.action_noise > 0:
             move += self._noise.normal(0.0, self.cfg.action_noise * self.step_px, move.shape)
+            move[stop] = 0.0
         nx, ny = self.scene.move(old[:, 0], old[:, 1], move[:, 0], move[:, 1])
         self.pos = np.stack([nx, ny], 1)
         self.path_len += np.hypot(*(self.pos - old).T)
         self.steps += 1
         self.prev_action = a.astype(np.float32)
+        if self.sim_hist.shape[1]:
+            self.sim_hist = np.concatenate([self.sim[:, None], self.sim_hist[:, :-1]], axis=1)
+        self._embed(np.arange(self.n))
         if self.cfg.retrieval:
             self._mark_visited(slice(None))
-        self._embed(np.arange(self.n))
-        reward, terminated = step_reward(self.sim.astype(np.float64), before, self.distance(), self.cfg, self.step_px)
+        after = self.distance()
+        if self.cfg.env.stop_action:
+            self.stopped = stop
+            reward, terminated = stop_reward(stop, after, before, self.cfg, self.step_px)
+        else:
+            reward, terminated = step_reward(self.sim.astype(np.float64), before, after, self.cfg, self.step_px)
+            self.stopped = terminated
         limit = self.cfg.max_steps
         truncated = (self.steps >= limit) & ~terminated if limit is not None else np.zeros(self.n, bool)
         return reward, terminated, truncated
 
     # -- observation ----------------------------------------------------------------------
     def _nav(self, idx: np.ndarray | slice) -> np.ndarray:
-        half = self.centre
+        half, a = self.centre, self.cfg.agent
         pos, rows = self.pos[idx], self.rows[idx]
         n = len(pos)
+        off = self.cfg.stop_threshold if a.portable else 0.0  # portable: similarities relative to the threshold
         parts: list[np.ndarray] = []
-        if self.cfg.agent.include_position:
+        if a.include_position:
             parts.append((pos - half) / half)
-        if self.cfg.agent.include_prev_action:
+        if a.include_prev_action:
             parts.append(self.prev_action[idx])
-        parts.append(self.sim[idx, None])
+        parts.append(self.sim[idx, None] - off)
         if self.cfg.retrieval:
             cands = self.ep_cands[idx]  # (n, k, 2)
             offset = cands - pos[:, None, :]
@@ -230,17 +317,23 @@ class NavCore:
                     (cands - half) / half,
                     offset / half,
                     np.clip(offset / self.step_px, -2, 2),
-                    top[..., None],
+                    top[..., None] - off,
                     self.visited[idx, :, None],
                 ],
                 axis=2,
             )
             parts.append(per.reshape(n, -1))
             parts.append((top[:, :1] - top[:, 1:2]) if top.shape[1] > 1 else np.zeros((n, 1)))
+        if a.sim_history:
+            parts.append(self.sim_hist[idx] - off)
+        if self.cfg.retrieval and a.candidate_view_sim:
+            parts.append(np.einsum("nkd,nd->nk", self.cand_embs[idx], self.cur_emb[idx]) - off)
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def observe(self, idx: np.ndarray | slice = slice(None)) -> dict[str, np.ndarray]:
         """The feature observation of agents ``idx`` (new arrays, safe to keep)."""
+        if self.cfg.agent.portable:
+            return {"nav": self._nav(idx)}
         obs = {"target": self.target_embs[self.rows[idx]], "current": self.cur_emb[idx].copy()}
         if self.cfg.agent.nav:
             obs["nav"] = self._nav(idx)
@@ -256,8 +349,8 @@ class NavCore:
             "similarity": float(self.sim[i]),
             "distance_px": d,
             "distance_m": float(self.scene.map.distance_m(self.pos[i], t)),
-            "stopped": bool(self.sim[i] >= self.cfg.stop_threshold),
-            "is_success": bool(d <= self.cfg.success_radius),
+            "stopped": bool(self.stopped[i]),
+            "is_success": bool(d <= self.cfg.success_radius and (self.stopped[i] or not self.cfg.env.stop_action)),
             "steps": int(self.steps[i]),
             "path_length_px": float(self.path_len[i]),
             "start_distance_px": float(self.start_dist[i]),

@@ -17,11 +17,14 @@ start; the agent moves its view until it matches the target.
 space, plus ``nav`` (M,) float32: see :mod:`maprl.nav.core` for its layout.
 
 ## Action space
-``Box(-1, 1, (2,), float32)``: (ax, ay). The view centre moves to
-``(x + ax * s, y + ay * s)`` with ``s = env.action_step * min(map width, map height)`` pixels,
-then is clipped to the map. A move whose new view would hold more than ``env.max_nodata`` of
-pixels without imagery is not taken (the agent stays; ``info["blocked"]``). A NaN action or one
-of another shape is an error.
+``env.actions: continuous`` (the default, the original design): ``Box(-1, 1, (2,), float32)``,
+(ax, ay). The view centre moves to ``(x + ax * s, y + ay * s)`` with
+``s = env.action_step * min(map width, map height)`` pixels, then is clipped to the map.
+``discrete`` (8 compass moves) and ``candidates`` (fly to retrieval candidate k, refine, move
+on), each optionally with an explicit STOP (``env.stop_action``), are specified in
+:mod:`maprl.nav.actions`. A move whose new view would hold more than ``env.max_nodata`` of
+pixels without imagery is not taken (the agent stays; ``info["blocked"]``). A NaN action, one
+of another shape or a discrete action out of range is an error.
 
 ## Reward
 See :mod:`maprl.nav.reward`, the one place it is defined: the original design's similarity +
@@ -31,14 +34,16 @@ configuration (stop threshold 0.98, bonus band 0.08, scale 10, success bonus 100
 0.01, shaping 0) it is exactly the original design's reward.
 
 ## Episode end
-Terminated when ``sim >= stop_threshold`` (the agent's own stop rule); truncated after
+Terminated when ``sim >= stop_threshold`` (the agent's own stop rule), or, with
+``env.stop_action``, when the agent chooses STOP (then only that ends it); truncated after
 ``max_episode_steps`` (default 1000, through ``TimeLimit``).
 
 ## Info
 ``position`` and ``target`` (x, y pixels), ``target_id``, ``similarity``, ``distance_px``,
 ``distance_m`` (ground metres, also on a map in degrees; NaN on a plain pixel grid),
-``stopped`` (own similarity passed the threshold), ``is_success`` (ground truth: the view
-centre lies within ``success_radius`` of the target), ``steps``, ``path_length_px``,
+``stopped`` (own similarity passed the threshold, or the agent chose STOP), ``is_success``
+(ground truth: the view centre lies within ``success_radius`` of the target, and with
+``env.stop_action`` the agent stopped there), ``steps``, ``path_length_px``,
 ``start_distance_px`` and ``blocked``.
 
 ## Randomness
@@ -61,6 +66,7 @@ from gymnasium import spaces
 
 from maprl.data.geo import MapData, read_map
 from maprl.features.memory import MapMemory
+from maprl.nav.actions import as_actions
 from maprl.nav.core import NavConfig, NavCore, draw_decoy
 from maprl.nav.reward import seed_reward
 from maprl.nav.scene import Scene
@@ -81,10 +87,10 @@ def default_scene(view_size: int = 224, size: int = 512, seed: int = 0) -> Scene
     return Scene.build(m, build_targets(m, tp, seed, None), view_size)
 
 
-def feature_obs_space(dim: int, nav_dim: int) -> spaces.Dict:
-    """``target`` and ``current`` embeddings, plus ``nav`` when ``nav_dim`` > 0."""
+def feature_obs_space(dim: int, nav_dim: int, portable: bool = False) -> spaces.Dict:
+    """``target`` and ``current`` embeddings, plus ``nav`` when ``nav_dim`` > 0 (``portable``: ``nav`` only)."""
     emb = spaces.Box(-1.0, 1.0, (dim,), np.float32)
-    keys: dict[str, spaces.Space[Any]] = {"target": emb, "current": emb}
+    keys: dict[str, spaces.Space[Any]] = {} if portable else {"target": emb, "current": emb}
     if nav_dim:
         keys["nav"] = spaces.Box(-np.inf, np.inf, (nav_dim,), np.float32)
     return spaces.Dict(keys)
@@ -126,10 +132,12 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             view_space = spaces.Box(0, 255, (v, v, 3), np.uint8)
             self.observation_space = spaces.Dict({"target": view_space, "current": view_space})  # type: ignore[assignment]
         elif obs == "features":
-            self.observation_space = feature_obs_space(self.scene.space.dim, config.nav_dim())  # type: ignore[assignment]
+            self.observation_space = feature_obs_space(  # type: ignore[assignment]
+                self.scene.space.dim, config.nav_dim(), config.agent.portable
+            )
         else:
             raise ValueError(f"obs must be pixels or features, got {obs!r}")
-        self.action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.action_space = config.action_space()
         self._path: list[tuple[float, float]] = []
 
     @staticmethod
@@ -202,13 +210,12 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._path = [tuple(self.core.pos[0])]
         return self._obs(), {**self.core.info(0), "blocked": False}
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        a = _as_action(action)
+    def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         old = self.core.pos[0].copy()
-        reward, terminated, truncated = self.core.step(a[None])
+        reward, terminated, truncated = self.core.step(as_actions(action, self.action_space, 1, single=True))
         moved = not np.allclose(self.core.pos[0], old)
         self._path.append(tuple(self.core.pos[0]))
-        blocked = not moved and bool(np.any(a != 0))
+        blocked = not moved and bool(np.any(self.core.prev_action[0] != 0))
         info = {**self.core.info(0), "blocked": blocked}
         return self._obs(), float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
 
@@ -217,14 +224,3 @@ class SatelliteNavEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             return None
         t = self.core.targets_xy[self.core.rows[0]]
         return render_episode(self.scene.map.rgb, self._path, (t[0], t[1]), self.view_size)
-
-
-def _as_action(action: Any) -> np.ndarray:
-    """The action as a (2,) float array; anything else is a ValueError that shows it."""
-    try:
-        a = np.asarray(action, float)
-    except (TypeError, ValueError):  # not numbers at all
-        a = np.full(0, np.nan)
-    if a.shape != (2,) or not np.isfinite(a).all():
-        raise ValueError(f"action must be two finite numbers in [-1, 1] (shape (2,)), got {action!r}")
-    return a

@@ -7,6 +7,15 @@ stop threshold and ``lo = stop - bonus_band``:
     reward  = sim + bonus + success_bonus * [sim >= stop] - step_penalty      (the original design)
             + shaping * (gamma * phi(s') - phi(s))                            (optional)
 
+With an explicit STOP action (``env.stop_action``) the similarity terms are dropped, because
+they would pay the agent to hover near a match instead of stopping on it:
+
+    reward  = -step_penalty + shaping * (gamma * phi(s') - phi(s))                  (moving)
+    reward  = -step_penalty + success_bonus   if within the success radius          (STOP)
+              -step_penalty - stop_penalty    otherwise
+
+and a STOP does not zero the potential, so that stopping far away earns no shaping.
+
 ``phi(s) = -distance(s) / step_px`` is the potential, with ``phi = 0`` at a terminal state, so
 the shaping term is potential-based (Ng et al. 1999) and leaves the optimal policy unchanged.
 It uses the simulator's ground truth and is for training only. With stop 0.98 and band 0.08
@@ -50,3 +59,16 @@ def reward(
     if cfg.shaping:
         r = r + cfg.shaping * shaping_term(before, after, terminated, cfg, step_px)
     return r, terminated
+
+
+def stop_reward(
+    stop: np.ndarray, after: np.ndarray, before: np.ndarray, cfg: NavConfig, step_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The step reward with an explicit STOP action, and ``terminated`` (the agents that stopped)."""
+    e = cfg.env
+    inside = np.asarray(after, float) <= cfg.success_radius
+    r = np.full(len(stop), -e.step_penalty)
+    r += np.where(stop, np.where(inside, e.success_bonus, -e.stop_penalty), 0.0)
+    if cfg.shaping:
+        r += cfg.shaping * shaping_term(before, after, np.zeros(len(stop), bool), cfg, step_px)
+    return r, np.asarray(stop, bool)

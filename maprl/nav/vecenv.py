@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvObs, VecEnvStepReturn
 
@@ -38,12 +37,12 @@ class NavVecEnv(VecEnv):
         self.scene, self.cfg = scene, config
         self.core = NavCore(scene, n_envs, config, memory)
         self.rows = scene.split_rows(split)
-        obs_space = feature_obs_space(scene.space.dim, config.nav_dim())
+        obs_space = feature_obs_space(scene.space.dim, config.nav_dim(), config.agent.portable)
         self.render_mode = None
-        super().__init__(n_envs, obs_space, gym.spaces.Box(-1.0, 1.0, (2,), np.float32))
+        super().__init__(n_envs, obs_space, self.core.action_space)
         self._rngs = self._make_rngs(seed)
         self._episodes: list[tuple[float, ...]] | None = None
-        self._actions = np.zeros((n_envs, 2), np.float32)
+        self._actions: np.ndarray = np.zeros((n_envs, *(self.action_space.shape or ())), self.action_space.dtype)
 
     def _make_rngs(self, seed: int | None) -> list[np.random.Generator]:
         return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(self.num_envs)]
@@ -102,7 +101,7 @@ class NavVecEnv(VecEnv):
         return self.core.observe()
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions, np.float32)
+        self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
         reward, terminated, truncated = self.core.step(self._actions)
