@@ -250,6 +250,9 @@ class TrainParams(_Section):
         "tuned", description="tuned: best trial of the tune stage (models/best_hparams.yaml); params: the values below."
     )
     algo: Literal["ppo", "recurrent_ppo"] = "ppo"
+    worlds: int = Field(
+        1, ge=1, le=256, description="Train across this many procedural worlds (portable agents: train@search)."
+    )
     init_from: str | None = Field(
         None, description="A trained policy.zip to fine-tune (with this run's budget) instead of starting fresh."
     )
@@ -618,13 +621,13 @@ decoys)."""
 
 SEARCH_AGENT: dict[str, dict[str, Any]] = {
     "env": {"actions": "candidates", "stop_action": True},
-    "agent": {"n_candidates": 5, "sim_history": 4, "candidate_view_sim": True, "portable": True},
+    "agent": {"n_candidates": 3, "sim_history": 4, "candidate_view_sim": True, "portable": True},
     "train": {"decoy_rate": 0.5},
 }
 SEARCH_IMITATE_SHARE = 0.2
 """``train@search`` clones the scripted search for this share of ``train.total_timesteps`` (unless
 ``train.imitate`` is set) before PPO."""
-"""What ``train@search`` changes from params.yaml: it picks among 5 retrieval candidates (fly to one,
+"""What ``train@search`` changes from params.yaml: it picks among 3 retrieval candidates (fly to one,
 refine, move on, STOP), sees its recent similarities and how its view compares with each candidate's
 (the nav vector only, similarities relative to the stop threshold: portable to other maps),
 and trains with decoys in half its episodes, on photos randomized as ``train@randomized``'s, after a
@@ -635,6 +638,8 @@ def agent_variant(params: Params, agent: str) -> Params:
     """``params`` as agent ``agent`` (one of :data:`AGENTS`) is trained and evaluated."""
     if agent not in AGENTS:
         raise ParamsError(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
+    if agent != "search" and not params.agent.portable:  # map-specific by design: its encoder is this map's
+        params = params.model_copy(update={"train": params.train.model_copy(update={"worlds": 1})})
     if agent == "randomized":
         return params
     if agent == "memory":

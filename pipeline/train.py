@@ -19,6 +19,7 @@ if __name__ == "__main__":
             ("--checkpoints", "checkpoint folder (for train.resume)"),
             ("--history", "periodic evaluation history (JSON)"),
             ("--live", "dvclive folder"),
+            ("--worlds", "where the extra procedural worlds of train.worlds are built (and kept)"),
             ("--metrics", "metrics JSON"),
         ],
         timing=True,
@@ -41,6 +42,7 @@ if __name__ == "__main__":
                 args.features,
                 args.best,
                 paths,
+                args.worlds,
             )
         )
     )

@@ -44,7 +44,7 @@ def config(kind: str, stop: bool, **kw: object) -> NavConfig:
 
 
 def env(scene: Scene, memory: MapMemory, cfg: NavConfig) -> SatelliteNavEnv:
-    return SatelliteNavEnv(scene=scene, obs="features", config=dataclasses.replace(cfg, max_steps=None), memory=memory)
+    return SatelliteNavEnv(scene=scene, obs="features", config=cfg, memory=memory)  # max_steps: for the budget left
 
 
 @pytest.mark.parametrize(("kind", "stop"), SPACES)
@@ -173,15 +173,17 @@ def test_nav_extras_and_portable_observation(scene: Scene, memory: MapMemory) ->
     obs, _ = e.reset(options={"target_id": int(scene.targets["id"][0]), "start": (80.0, 80.0)})
     k = full.agent.n_candidates
     assert obs["nav"].shape == (full.nav_dim(),)
-    assert np.allclose(obs["nav"][-(3 + k) : -k], e.core.sim[0])  # history starts as the first similarity
+    assert np.allclose(obs["nav"][-(4 + k) : -(k + 1)], e.core.sim[0])  # history starts as the first similarity
+    assert obs["nav"][-1] == 1.0  # the whole step budget is left
     e.step(0)
     first = float(obs["nav"][4])
     nav = e.step(0)[0]["nav"]
-    assert nav[-(3 + k)] == pytest.approx(float(e.core.sim_hist[0, 0])) and e.core.sim_hist[0, 1] == pytest.approx(
+    assert nav[-1] == pytest.approx(1 - 2 / 8)
+    assert nav[-(4 + k)] == pytest.approx(float(e.core.sim_hist[0, 0])) and e.core.sim_hist[0, 1] == pytest.approx(
         first, abs=1e-6
     )
     cvs = np.einsum("kd,d->k", e.core.cand_embs[0], e.core.cur_emb[0])
-    assert np.allclose(nav[-k:], cvs, atol=1e-6)
+    assert np.allclose(nav[-(k + 1) : -1], cvs, atol=1e-6)
     portable = env(scene, memory, dataclasses.replace(full, agent=full.agent.model_copy(update={"portable": True})))
     pobs, _ = portable.reset(options={"target_id": int(scene.targets["id"][0]), "start": (80.0, 80.0)})
     assert set(pobs) == {"nav"} and pobs["nav"][4] == pytest.approx(float(portable.core.sim[0]) - 0.97, abs=1e-6)

@@ -52,7 +52,7 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     assert tile["n_test"] + tile["n_train"] == 24
     ev = json.loads((repo / "metrics" / "eval.json").read_text())
     assert set(ev["agent"]) == {"train", "test", "test_decoy", "test_autumn"}
-    assert {"retrieve_then_search", "agent_randomized"} <= set(ev["baselines"])
+    assert {"retrieve_then_search", "agent_randomized", "agent_search"} <= set(ev["baselines"])
     rob = json.loads((repo / "metrics" / "robustness.json").read_text())
     cells = {f"{k}@{s:g}" for k in TINY["robustness"]["kinds"] for s in TINY["robustness"]["strengths"]}
     methods = {"agent", "agent_randomized", "retrieve_then_fly", "retrieve_then_search", "template_oracle"}

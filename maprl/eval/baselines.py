@@ -29,7 +29,6 @@ from maprl.features.memory import MapMemory
 from maprl.nav.actions import fly_action
 
 if TYPE_CHECKING:
-    from maprl.nav.core import NavCore
     from maprl.nav.scene import Scene
     from maprl.nav.vecenv import NavVecEnv
 
@@ -188,22 +187,14 @@ class RetrieveThenFly:
 
     def __init__(self, search: bool = False) -> None:
         self.search = search
-        self.seen = np.zeros((0, 0))
 
     def reset(self, venv: NavVecEnv) -> None:
         if not venv.cfg.retrieval:
             raise ValueError("retrieve-then-fly needs an env with memory: retrieval")
-        self.seen = np.full(venv.core.visited.shape, -np.inf)
-
-    def _goal_index(self, core: NavCore) -> np.ndarray:
-        self.seen[core.steps == 0] = -np.inf  # a new episode
-        self.seen = np.where(core.at_candidates(), np.maximum(self.seen, core.sim[:, None]), self.seen)
-        unvisited = ~core.visited
-        return np.where(unvisited.any(axis=1), unvisited.argmax(axis=1), self.seen.argmax(axis=1))
 
     def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
         core = venv.core
-        k = self._goal_index(core) if self.search else np.zeros(core.n, np.int64)
+        k = core.next_candidate() if self.search else np.zeros(core.n, np.int64)
         return fly_action(core.pos, core.ep_cands[np.arange(core.n), k], core.step_px)
 
 

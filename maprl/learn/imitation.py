@@ -36,17 +36,19 @@ def expert_actions(core: NavCore) -> np.ndarray:
     return np.where(match | back, k + 2, k + 1).astype(np.int64)
 
 
-def clone_expert(model: Any, venv: Any, core: NavCore, timesteps: int, epochs: int = 4, batch: int = 256) -> float:
+def clone_expert(
+    model: Any, venv: Any, cores: list[NavCore], timesteps: int, epochs: int = 4, batch: int = 256
+) -> float:
     """Fit ``model.policy`` to the expert's actions on ``timesteps`` of expert rollouts in ``venv``.
 
-    ``core`` is the batched state behind ``venv`` (which may be wrapped). Returns the share of
-    the expert's actions the cloned policy takes (deterministically) on the collected states.
+    ``cores`` are the batched states behind ``venv`` (one per world; ``venv`` may be wrapped). Returns
+    the share of the expert's actions the cloned policy takes (deterministically) on the collected states.
     """
     obs = venv.reset()
     observations: list[dict[str, np.ndarray]] = []
     actions: list[np.ndarray] = []
     for _ in range(max(1, timesteps // venv.num_envs)):
-        a = expert_actions(core)
+        a = np.concatenate([expert_actions(core) for core in cores])
         observations.append(obs)
         actions.append(a)
         obs, _, _, _ = venv.step(a)

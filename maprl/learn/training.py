@@ -42,7 +42,7 @@ from maprl.io import atomic_path, staged_dir, write_json, write_metrics
 from maprl.learn.imitation import clone_expert
 from maprl.learn.policies import MapRLNetwork, MapRLPolicy
 from maprl.nav.runtime import Runtime, data_fingerprint, fingerprint_differences, load_runtime, nav_config
-from maprl.nav.vecenv import NavVecEnv
+from maprl.nav.vecenv import MultiWorldVecEnv, NavVecEnv
 
 
 class DVCLiveWriter(KVWriter):
@@ -226,10 +226,10 @@ class Checkpoint(BaseCallback):
         return True
 
 
-def _training_env(model: BaseAlgorithm) -> NavVecEnv:
+def _training_env(model: BaseAlgorithm) -> NavVecEnv | MultiWorldVecEnv:
     env = model.get_env()
     inner = env.venv if isinstance(env, VecMonitor) else env
-    assert isinstance(inner, NavVecEnv)
+    assert isinstance(inner, NavVecEnv | MultiWorldVecEnv)
     return inner
 
 
@@ -375,14 +375,43 @@ def _resume(
     return model, list(state["history"])
 
 
-def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the policy; write the policy, its evaluation history, metrics and dvclive curves."""
+def world_envs(
+    params: Params, runtimes: list[Runtime], n_envs: int, seed: int, hparams: dict[str, Any] | None
+) -> NavVecEnv | MultiWorldVecEnv:
+    """The training env: one map, or ``n_envs`` agents shared out over several worlds' maps."""
+    if len(runtimes) == 1:
+        return make_train_env(params, runtimes[0], "train", n_envs, seed, hparams)
+    shares = np.diff(np.linspace(0, n_envs, len(runtimes) + 1).round().astype(int))
+    if (shares < 1).any():
+        raise ParamsError(f"train.n_envs ({n_envs}) must be at least train.worlds ({len(runtimes)})")
+    seeds = np.random.SeedSequence([seed, 31]).generate_state(len(runtimes))
+    envs = [
+        make_train_env(params, r, "train", int(k), int(s), hparams)
+        for r, k, s in zip(runtimes, shares, seeds, strict=True)
+    ]
+    return MultiWorldVecEnv(envs)
+
+
+def train(
+    params: Params,
+    rt: Runtime,
+    paths: RunPaths,
+    hparams: dict[str, Any] | None = None,
+    worlds: list[Runtime] | None = None,
+) -> dict[str, Any]:
+    """Train the policy; write the policy, its evaluation history, metrics and dvclive curves.
+
+    ``worlds``: extra maps to train on beside ``rt`` (``train.worlds``); evaluation stays on ``rt``.
+    """
     from dvclive import Live
 
     p = params.train
     configure_torch(p.torch_threads)
-    venv = VecMonitor(make_train_env(params, rt, "train", p.n_envs, params.base.seed, hparams))
+    runtimes = [rt, *(worlds or [])]
+    venv = VecMonitor(world_envs(params, runtimes, p.n_envs, params.base.seed, hparams))
     fingerprint = run_fingerprint(params, rt, hparams)
+    if len(runtimes) > 1:
+        fingerprint["worlds"] = [data_fingerprint(r) for r in runtimes[1:]]
     resumed, history = _resume(p, paths, venv, fingerprint)
     if resumed is None and p.init_from is not None:
         print(f"train: fine-tuning {p.init_from} for {p.total_timesteps} timesteps")
@@ -390,7 +419,7 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
     model = resumed or fresh(p, venv, params.base.seed, hparams)
     imitation = None
     if resumed is None and p.imitate:
-        imitation = clone_expert(model, venv, _training_env(model).core, p.imitate)
+        imitation = clone_expert(model, venv, _training_env(model).cores, p.imitate)
         print(f"train: cloned the scripted search for {p.imitate} timesteps (it takes {imitation:.1%} of its actions)")
     done = int(model.num_timesteps)
     live = Live(str(paths.live), dvcyaml=None, save_dvc_exp=False, resume=done > 0, report=None)
@@ -416,6 +445,7 @@ def train(params: Params, rt: Runtime, paths: RunPaths, hparams: dict[str, Any] 
         "seconds": round(seconds, 1),
         "timesteps_per_second": round((model.num_timesteps - done) / max(seconds, 1e-9), 1),
         "algo": p.algo,
+        "worlds": len(runtimes),
         "memory": params.agent.memory,
         "nav": params.agent.nav,
         "imitation_agreement": None if imitation is None else round(imitation, 4),
@@ -438,9 +468,11 @@ def run_train(
     features_dir: str | Path,
     best_path: str | Path | None,
     paths: RunPaths,
+    worlds_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The train stage for one agent (:data:`~maprl.config.AGENTS`); ``best_path`` holds the tuned
-    hyperparameters used when ``train.hparams`` is ``tuned``."""
+    hyperparameters used when ``train.hparams`` is ``tuned``; ``worlds_dir`` keeps the extra worlds of
+    ``train.worlds`` (built there once)."""
     params = agent_variant(params, agent)
     rt = load_runtime(params, map_path, targets_path, features_dir)
     hparams = None
@@ -448,4 +480,13 @@ def run_train(
         if best_path is None:
             raise ParamsError("train.hparams: tuned needs the tune stage's best hyperparameters (--best)")
         hparams = load_best_hparams(best_path)
-    return train(params, rt, paths, hparams)
+    worlds = None
+    if worlds_dir is not None:
+        Path(worlds_dir).mkdir(parents=True, exist_ok=True)  # a stage output, also when it stays empty
+    if params.train.worlds > 1:
+        from maprl.learn.worlds import training_worlds
+
+        if worlds_dir is None:
+            raise ParamsError("train.worlds > 1 needs a folder for the extra worlds (--worlds)")
+        worlds = training_worlds(params, worlds_dir)
+    return train(params, rt, paths, hparams, worlds)

@@ -17,7 +17,8 @@ Feature observation (``obs_features``):
 |         |       | best two candidates. Then, if asked: the own similarity of the last  |
 |         |       | ``agent.sim_history`` steps (newest first), and per candidate the    |
 |         |       | similarity of the current view to the map's view at the candidate    |
-|         |       | (``agent.candidate_view_sim``: "am I there, and does it match?")     |
+|         |       | (``agent.candidate_view_sim``: "am I there, and does it match?");    |
+|         |       | with ``env.stop_action``, last, the share of the step budget left    |
 
 With ``agent.portable`` the observation is ``nav`` alone and every similarity in it is given
 relative to the map's calibrated stop threshold (``sim - stop_threshold``), so that a policy
@@ -115,7 +116,7 @@ class NavConfig:
         a = self.agent
         if not a.nav:
             return 0
-        base = 2 * a.include_position + 2 * a.include_prev_action + 1 + a.sim_history
+        base = 2 * a.include_position + 2 * a.include_prev_action + 1 + a.sim_history + self.env.stop_action
         if not self.retrieval:
             return base
         return base + 8 * a.n_candidates + 1 + a.n_candidates * a.candidate_view_sim
@@ -328,6 +329,9 @@ class NavCore:
             parts.append(self.sim_hist[idx] - off)
         if self.cfg.retrieval and a.candidate_view_sim:
             parts.append(np.einsum("nkd,nd->nk", self.cand_embs[idx], self.cur_emb[idx]) - off)
+        if self.cfg.env.stop_action:  # the budget left: an agent that must stop has to know when time runs out
+            limit = self.cfg.max_steps
+            parts.append((1.0 - self.steps[idx, None] / limit) if limit else np.zeros((n, 1)))
         return np.concatenate(parts, axis=1).astype(np.float32)
 
     def observe(self, idx: np.ndarray | slice = slice(None)) -> dict[str, np.ndarray]:

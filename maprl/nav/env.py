@@ -14,7 +14,10 @@ start; the agent moves its view until it matches the target.
 | current | Box(0, 255, (V, V, 3), uint8)  | what the agent sees now               |
 
 ``obs="features"``: ``target`` and ``current`` are (D,) float32 embeddings from the feature
-space, plus ``nav`` (M,) float32: see :mod:`maprl.nav.core` for its layout.
+space, plus ``nav`` (M,) float32: see :mod:`maprl.nav.core` for its layout (with
+``agent.portable``, ``nav`` alone; with ``env.stop_action``, its last value is the share of the
+step budget left, which needs ``max_steps`` in the config: the env then truncates by itself and
+no ``TimeLimit`` is needed).
 
 ## Action space
 ``env.actions: continuous`` (the default, the original design): ``Box(-1, 1, (2,), float32)``,

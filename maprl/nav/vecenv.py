@@ -42,6 +42,7 @@ class NavVecEnv(VecEnv):
         super().__init__(n_envs, obs_space, self.core.action_space)
         self._rngs = self._make_rngs(seed)
         self._episodes: list[tuple[float, ...]] | None = None
+        self.cores = [self.core]  # as in MultiWorldVecEnv
         self._actions: np.ndarray = np.zeros((n_envs, *(self.action_space.shape or ())), self.action_space.dtype)
 
     def _make_rngs(self, seed: int | None) -> list[np.random.Generator]:
@@ -133,6 +134,81 @@ class NavVecEnv(VecEnv):
                 f"NavVecEnv.set_attr({attr_name!r}) sets an attribute shared by all {self.num_envs} agents; "
                 "it cannot be set for some indices only"
             )
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
+        n = len(list(self._get_indices(indices)))
+        result = getattr(self, method_name)(*args, **kwargs) if n else None
+        return [result] * n
+
+    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None] * self.num_envs
+
+
+class MultiWorldVecEnv(VecEnv):
+    """Several :class:`NavVecEnv` (one per map, the same spaces) stepped as one vector env.
+
+    Agent i of the whole belongs to the sub-env that holds it, in order; ``train.worlds`` trains
+    one policy across maps with it. Only a portable observation (``agent.portable``) means the same
+    thing on maps whose encoders differ.
+    """
+
+    def __init__(self, envs: Sequence[NavVecEnv]) -> None:
+        if not envs:
+            raise ValueError("MultiWorldVecEnv needs at least one env")
+        first = envs[0]
+        for e in envs[1:]:
+            if e.observation_space != first.observation_space or e.action_space != first.action_space:
+                raise ValueError("every world's env must have the same observation and action spaces")
+        self.envs = list(envs)
+        self.render_mode = None
+        self._bounds = np.cumsum([0] + [e.num_envs for e in envs])
+        super().__init__(int(self._bounds[-1]), first.observation_space, first.action_space)
+
+    @property
+    def cores(self) -> list[NavCore]:
+        return [e.core for e in self.envs]
+
+    def _join(self, parts: Sequence[VecEnvObs]) -> dict[str, np.ndarray]:
+        keys = parts[0].keys()  # type: ignore[union-attr]
+        return {k: np.concatenate([p[k] for p in parts]) for k in keys}  # type: ignore[index]
+
+    def get_state(self) -> dict[str, Any]:
+        return {"worlds": [e.get_state() for e in self.envs]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for e, s in zip(self.envs, state["worlds"], strict=True):
+            e.set_state(s)
+
+    def reset(self) -> VecEnvObs:
+        if self._seeds[0] is not None:
+            for k, e in enumerate(self.envs):
+                e.seed(int(self._seeds[0]) + 1000 * k)
+        self._reset_seeds()
+        return self._join([e.reset() for e in self.envs])
+
+    def step_async(self, actions: np.ndarray) -> None:
+        a = np.asarray(actions)
+        for k, e in enumerate(self.envs):
+            e.step_async(a[self._bounds[k] : self._bounds[k + 1]])
+
+    def step_wait(self) -> VecEnvStepReturn:
+        outs = [e.step_wait() for e in self.envs]
+        obs = self._join([o[0] for o in outs])
+        infos = [info for o in outs for info in o[3]]
+        return obs, np.concatenate([o[1] for o in outs]), np.concatenate([o[2] for o in outs]), infos
+
+    def close(self) -> None:
+        return None
+
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        value = getattr(self, attr_name)
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
         setattr(self, attr_name, value)
 
     def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
