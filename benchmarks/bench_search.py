@@ -23,6 +23,7 @@ import functools
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from maprl.config import agent_variant, load_params
@@ -103,6 +104,26 @@ def run(params_path: str, seeds: int, timesteps: int | None, out: Path) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def recall_table(params_path: str, k_max: int = 5) -> str:
+    """Per split: the share of test photos whose target is among the top k map-memory candidates."""
+    params = load_params(params_path, stage="train")
+    rt = load_runtime(params, MAP, TARGETS, FEATURES)
+    radius = params.evaluate.success_radius
+    lines = ["| split | " + " | ".join(f"truth in top {k}" for k in range(1, k_max + 1)) + " |"]
+    lines.append("|---|" + "---|" * k_max)
+    for split, eps in episode_sets(params, rt):
+        if split == "test_decoy":
+            continue  # the same photos as test; its decoy is put in front of the list by the env
+        scene = rt.scene if split == "test" else rt.domain_scene(split.removeprefix("test_"))
+        rows = eps["target_row"].to_numpy(int)
+        cands, _ = rt.memory.query(scene.target_embeddings()[rows], k_max)
+        near = np.hypot(*np.moveaxis(cands - scene.targets_xy[rows][:, None, :], 2, 0)) <= radius
+        lines.append(
+            f"| {split} | " + " | ".join(f"{near[:, :k].any(axis=1).mean():.3f}" for k in range(1, k_max + 1)) + " |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: pd.DataFrame) -> str:
     lines = [
         "| split | method | success IQM [95 % CI] | SPL IQM [95 % CI] | success per seed |",
@@ -125,8 +146,12 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds of the searcher (base.seed + 0..n-1)")
     ap.add_argument("--timesteps", type=int, default=None, help="train.total_timesteps (default: params)")
+    ap.add_argument("--recall-only", action="store_true", help="print only how often the truth is among the candidates")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_search"), help="policies and rows.csv go here")
     args = ap.parse_args()
+    if args.recall_only:
+        print(recall_table(args.params))
+        return
     t0 = time.perf_counter()
     rows = run(args.params, args.seeds, args.timesteps, args.out)
     write_csv(args.out / "rows.csv", rows)
