@@ -3,6 +3,8 @@ no-learning baselines, on the evaluate stage's own fixed episodes.
 
 Usage (after `dvc repro`, from the repository root):
     python benchmarks/bench_search.py --seeds 3 [--timesteps 300000] [--params params.yaml] [--out /tmp/bench_search]
+    python benchmarks/bench_search.py --agent memory --algo recurrent_ppo --decoy-rate 0.3 --seeds 1   # other agents
+    python benchmarks/bench_search.py --recall-only        # how often the truth is among the top-k candidates
 
 The map, targets, features, tuned hyperparameters and episodes are the pipeline's (data/, models/,
 ``base.seed``); only the searcher's training seed changes (``base.seed + i``). Every method runs on
@@ -57,7 +59,27 @@ def episode_sets(params, rt: Runtime) -> list[tuple[str, pd.DataFrame]]:  # type
     return sets
 
 
-def run(params_path: str, seeds: int, timesteps: int | None, out: Path) -> pd.DataFrame:
+def variant(params, agent: str, algo: str | None, decoy_rate: float | None, seed: int):  # type: ignore[no-untyped-def]
+    """``agent``'s params (``--agent``), with ``--algo`` / ``--decoy-rate`` overrides and training seed ``seed``."""
+    sp = agent_variant(params, agent)
+    train_update: dict[str, object] = {"progress_bar": False, "resume": False}
+    if algo is not None:
+        train_update["algo"] = algo
+    if decoy_rate is not None:
+        train_update["decoy_rate"] = decoy_rate
+    base = sp.base.model_copy(update={"seed": seed})
+    return sp.model_copy(update={"base": base, "train": sp.train.model_copy(update=train_update)})
+
+
+def run(
+    params_path: str,
+    seeds: int,
+    timesteps: int | None,
+    out: Path,
+    agent: str = "search",
+    algo: str | None = None,
+    decoy_rate: float | None = None,
+) -> pd.DataFrame:
     params = load_params(params_path, stage="train")
     if timesteps is not None:
         params = params.model_copy(update={"train": params.train.model_copy(update={"total_timesteps": timesteps})})
@@ -81,11 +103,9 @@ def run(params_path: str, seeds: int, timesteps: int | None, out: Path) -> pd.Da
                         "spl": g["spl"].mean(),
                     }
                 )
+    name = "agent_search" if agent == "search" and algo is None else f"agent_{agent}_{sp_name(algo, decoy_rate)}"
     for i in range(seeds):
-        sp = agent_variant(params, "search")
-        base = sp.base.model_copy(update={"seed": params.base.seed + i})
-        quiet = sp.train.model_copy(update={"progress_bar": False, "resume": False})
-        sp = sp.model_copy(update={"base": base, "train": quiet})
+        sp = variant(params, agent, algo, decoy_rate, params.base.seed + i)
         folder = out / f"seed{i}"
         paths = RunPaths(
             folder / "policy.zip", folder / "ck", folder / "history.json", folder / "train.json", folder / "live"
@@ -97,11 +117,15 @@ def run(params_path: str, seeds: int, timesteps: int | None, out: Path) -> pd.Da
         cfg = nav_config(sp, rt, max_steps=params.evaluate.max_steps, shaping=0.0)
         for split, eps in sets:
             scene = rt.scene if split in ("test", "test_decoy") else rt.domain_scene(split.removeprefix("test_"))
-            methods = {"agent_search": functools.partial(AgentController, model)}
+            methods = {name: functools.partial(AgentController, model)}
             df, _ = evaluate_methods(scene, rt.memory, cfg, methods, eps, record_paths=False)
-            rows.append({"method": "agent_search", "seed": i, "split": split,
+            rows.append({"method": name, "seed": i, "split": split,
                          "success_rate": df["success"].mean(), "spl": df["spl"].mean()})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def sp_name(algo: str | None, decoy_rate: float | None) -> str:
+    return "-".join(x for x in (algo, None if decoy_rate is None else f"decoys{decoy_rate:g}") if x) or "default"
 
 
 def recall_table(params_path: str, k_max: int = 5) -> str:
@@ -146,6 +170,9 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds of the searcher (base.seed + 0..n-1)")
     ap.add_argument("--timesteps", type=int, default=None, help="train.total_timesteps (default: params)")
+    ap.add_argument("--agent", default="search", help="the train@ variant to train (default: search)")
+    ap.add_argument("--algo", default=None, help="train.algo override (ppo | recurrent_ppo)")
+    ap.add_argument("--decoy-rate", type=float, default=None, help="train.decoy_rate override")
     ap.add_argument("--recall-only", action="store_true", help="print only how often the truth is among the candidates")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_search"), help="policies and rows.csv go here")
     args = ap.parse_args()
@@ -153,10 +180,12 @@ def main() -> None:
         print(recall_table(args.params))
         return
     t0 = time.perf_counter()
-    rows = run(args.params, args.seeds, args.timesteps, args.out)
+    rows = run(args.params, args.seeds, args.timesteps, args.out, args.agent, args.algo, args.decoy_rate)
     write_csv(args.out / "rows.csv", rows)
     print(
-        f"\n# bench_search: {args.seeds} training seeds, {time.perf_counter() - t0:.0f} s wall, params {args.params}\n"
+        f"\n# bench_search: agent {args.agent}, algo {args.algo or 'as params'}, decoy rate "
+        f"{'as params' if args.decoy_rate is None else args.decoy_rate}; {args.seeds} training seeds, "
+        f"{time.perf_counter() - t0:.0f} s wall, params {args.params}\n"
     )
     print(table(rows))
 
