@@ -161,17 +161,11 @@ class GreedyHillClimb:
         return None
 
     def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
-        scene, pos, n = venv.scene, venv.core.pos, venv.num_envs
         target = obs["target"]
         current = np.sum(obs["current"] * target, axis=1)
-        cand = pos[:, None, :] + self.moves[None] * venv.core.step_px  # (N, M, 2)
-        cx, cy = scene.clip(cand[..., 0].ravel(), cand[..., 1].ravel())
-        emb = scene.space.embed_at(cx, cy).reshape(n, len(self.moves), -1)
-        sims = np.einsum("nmd,nd->nm", emb, target)
-        sims[~scene.is_valid(cx, cy).reshape(n, -1)] = -np.inf
-        best = np.argmax(sims, axis=1)
-        better = sims[np.arange(n), best] > current + 1e-6
-        random = self.rng.uniform(-1.0, 1.0, (n, 2))
+        best, sim = venv.scene.best_probe(venv.core.pos, target, self.moves * venv.core.step_px)
+        better = sim > current + 1e-6
+        random = self.rng.uniform(-1.0, 1.0, (venv.num_envs, 2))
         return np.where(better[:, None], self.moves[best], random).astype(np.float32)
 
 

@@ -236,14 +236,9 @@ class NavCore:
 
     def _refine(self, idx: np.ndarray) -> np.ndarray:
         """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
-        m = len(COMPASS)
-        probes = self.pos[idx, None, :] + COMPASS[None] * (REFINE_STEP * self.step_px)
-        px, py = self.scene.clip(probes[..., 0].ravel(), probes[..., 1].ravel())
-        emb = self.scene.space.embed_at(px, py).reshape(len(idx), m, -1)
-        sims = np.einsum("nmd,nd->nm", emb, self.target_embs[self.rows[idx]])
-        sims[~self.scene.is_valid(px, py).reshape(len(idx), m)] = -np.inf
-        best = np.argmax(sims, axis=1)
-        better = sims[np.arange(len(idx)), best] > self.sim[idx] + 1e-6
+        moves = COMPASS * (REFINE_STEP * self.step_px)
+        best, sim = self.scene.best_probe(self.pos[idx], self.target_embs[self.rows[idx]], moves)
+        better = sim > self.sim[idx] + 1e-6
         return np.where(better[:, None], COMPASS[best] * REFINE_STEP, 0.0)
 
     def decode(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -71,6 +71,19 @@ class Scene:
         """Whether the views centred at (xs, ys) lie wholly on valid imagery."""
         return self._lookup(self.ok, xs, ys)
 
+    def best_probe(self, pos: np.ndarray, targets: np.ndarray, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each of n agents at ``pos`` (n, 2): which of ``moves`` (M, 2, pixels) leads to the view most
+        similar to its target embedding (``targets``, (n, D)), and that similarity (-inf where every
+        probe's view leaves the valid imagery). Moves are clipped to the map."""
+        n, m = len(pos), len(moves)
+        cand = pos[:, None, :] + moves[None]  # (n, M, 2)
+        cx, cy = self.clip(cand[..., 0].ravel(), cand[..., 1].ravel())
+        emb = self.space.embed_at(cx, cy).reshape(n, m, -1)
+        sims = np.einsum("nmd,nd->nm", emb, targets)
+        sims[~self.is_valid(cx, cy).reshape(n, m)] = -np.inf
+        best = np.argmax(sims, axis=1)
+        return best, sims[np.arange(n), best]
+
     def move(self, xs: np.ndarray, ys: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Apply a move, clip it to the map, and stay put where the new view would hold more than
         ``max_nodata`` of pixels without imagery."""
