@@ -1,4 +1,4 @@
-"""DVC stage ``train``: train one agent (memory, randomized, nomemory, original or search) on the batched feature env."""
+"""DVC stage ``train``: train one agent (memory, randomized, nomemory, original or search) on the feature env."""
 
 from pathlib import Path
 
