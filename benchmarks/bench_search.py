@@ -133,6 +133,7 @@ def recall_table(params_path: str, k_max: int = 5) -> str:
     params = load_params(params_path, stage="train")
     rt = load_runtime(params, MAP, TARGETS, FEATURES)
     radius = params.evaluate.success_radius
+    assert rt.memory is not None  # load_runtime always builds the map memory
     lines = ["| split | " + " | ".join(f"truth in top {k}" for k in range(1, k_max + 1)) + " |"]
     lines.append("|---|" + "---|" * k_max)
     for split, eps in episode_sets(params, rt):
