@@ -111,6 +111,7 @@ def test_bad_params_in_any_stage_script_is_a_message(tmp_path: Path, stage: str)
     flags = {"encode": ["--map", "m", "--targets", "t", "--out", "o", "--metrics", "x"]}
     flags["train"] = ["--agent", "memory", "--map", "m", "--targets", "t", "--features", "f", "--best", "b"]
     flags["train"] += ["--policy", "p", "--checkpoints", "c", "--history", "h", "--live", "l", "--metrics", "x"]
+    flags["train"] += ["--worlds", "w"]
     flags["evaluate"] = ["--map", "m", "--targets", "t", "--features", "f", "--policies", "memory=p"]
     flags["evaluate"] += ["--out", "o", "--metrics", "x", "--locate-metrics", "y"]
     cmd = [sys.executable, str(REPO / "pipeline" / f"{stage}.py"), "--params", str(params), *flags[stage]]
