@@ -21,7 +21,40 @@ from maprl.nav.env import feature_obs_space
 from maprl.nav.scene import Scene
 
 
-class NavVecEnv(VecEnv):
+class _OneObjectVecEnv(VecEnv):
+    """What :class:`NavVecEnv` and :class:`MultiWorldVecEnv` share: one object steps every agent."""
+
+    def close(self) -> None:
+        return None
+
+    # One object steps every agent, so attributes and methods belong to all of them at once:
+    # ``get_attr`` reads once, ``set_attr`` writes once and ``env_method`` calls once, and each
+    # answers with one entry per requested index, as SB3 expects.
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        value = getattr(self, attr_name)
+        return [value for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+        if len(list(self._get_indices(indices))) not in (0, self.num_envs):
+            raise ValueError(
+                f"{type(self).__name__}.set_attr({attr_name!r}) sets an attribute shared by all "
+                f"{self.num_envs} agents; it cannot be set for some indices only"
+            )
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
+        n = len(list(self._get_indices(indices)))
+        result = getattr(self, method_name)(*args, **kwargs) if n else None
+        return [result] * n
+
+    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None] * self.num_envs
+
+
+class NavVecEnv(_OneObjectVecEnv):
     def __init__(
         self,
         scene: Scene,
@@ -118,37 +151,8 @@ class NavVecEnv(VecEnv):
             self._reset_idx(finished)
         return self.core.observe(), reward.astype(np.float32), done, infos
 
-    def close(self) -> None:
-        return None
 
-    # One object steps every agent, so attributes and methods belong to all of them at once:
-    # ``get_attr`` reads once, ``set_attr`` writes once and ``env_method`` calls once, and each
-    # answers with one entry per requested index, as SB3 expects.
-    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        value = getattr(self, attr_name)
-        return [value for _ in self._get_indices(indices)]
-
-    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
-        if len(list(self._get_indices(indices))) not in (0, self.num_envs):
-            raise ValueError(
-                f"NavVecEnv.set_attr({attr_name!r}) sets an attribute shared by all {self.num_envs} agents; "
-                "it cannot be set for some indices only"
-            )
-        setattr(self, attr_name, value)
-
-    def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
-        n = len(list(self._get_indices(indices)))
-        result = getattr(self, method_name)(*args, **kwargs) if n else None
-        return [result] * n
-
-    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
-        return [False for _ in self._get_indices(indices)]
-
-    def get_images(self) -> Sequence[np.ndarray | None]:
-        return [None] * self.num_envs
-
-
-class MultiWorldVecEnv(VecEnv):
+class MultiWorldVecEnv(_OneObjectVecEnv):
     """Several :class:`NavVecEnv` (one per map, the same spaces) stepped as one vector env.
 
     Agent i of the whole belongs to the sub-env that holds it, in order; ``train.worlds`` trains
@@ -200,24 +204,3 @@ class MultiWorldVecEnv(VecEnv):
         obs = self._join([o[0] for o in outs])
         infos = [info for o in outs for info in o[3]]
         return obs, np.concatenate([o[1] for o in outs]), np.concatenate([o[2] for o in outs]), infos
-
-    def close(self) -> None:
-        return None
-
-    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        value = getattr(self, attr_name)
-        return [value for _ in self._get_indices(indices)]
-
-    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
-        setattr(self, attr_name, value)
-
-    def env_method(self, method_name: str, *args: Any, indices: Any = None, **kwargs: Any) -> list[Any]:
-        n = len(list(self._get_indices(indices)))
-        result = getattr(self, method_name)(*args, **kwargs) if n else None
-        return [result] * n
-
-    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
-        return [False for _ in self._get_indices(indices)]
-
-    def get_images(self) -> Sequence[np.ndarray | None]:
-        return [None] * self.num_envs
