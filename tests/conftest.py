@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,10 @@ from scipy.ndimage import gaussian_filter
 
 from maprl.config import Params, parse_params
 from maprl.data.geo import MapData, utm_crs, write_map
+
+if TYPE_CHECKING:
+    from maprl.features.memory import MapMemory
+    from maprl.nav.scene import Scene
 
 
 def textured_rgb(size: int, seed: int = 0) -> np.ndarray:
@@ -71,3 +76,20 @@ def tiny_params(**sections: dict) -> Params:
 
 def grid_targets(xs: list[float], ys: list[float], splits: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"id": range(len(xs)), "x": xs, "y": ys, "split": splits})
+
+
+@pytest.fixture
+def scene(tiny_map: MapData) -> Scene:
+    """Four train targets on the tiny map, 32 px views (a test module may define its own ``scene``)."""
+    from maprl.nav.scene import Scene
+
+    t = grid_targets([70.0, 90.0, 100.0, 60.0], [70.0, 60.0, 100.0, 100.0], ["train"] * 4)
+    return Scene.build(tiny_map, t, 32)
+
+
+@pytest.fixture
+def memory(scene: Scene) -> MapMemory:
+    """A pooled map memory of the ``scene`` fixture (stride 4, candidates 16 px apart)."""
+    from maprl.nav.runtime import pooled_memory
+
+    return pooled_memory(scene, 4, 16.0)

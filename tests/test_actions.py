@@ -10,32 +10,19 @@ from gymnasium.wrappers import TimeLimit
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from maprl.config import AGENTS, SEARCH_AGENT, agent_variant
-from maprl.data.geo import MapData
 from maprl.errors import ParamsError
 from maprl.features.memory import MapMemory
 from maprl.learn.training import build_model, init_model
 from maprl.nav.actions import COMPASS, n_discrete
 from maprl.nav.core import NavConfig
 from maprl.nav.env import SatelliteNavEnv
-from maprl.nav.runtime import pooled_memory
 from maprl.nav.scene import Scene
 from maprl.nav.vecenv import NavVecEnv
 
-from conftest import grid_targets, tiny_params
+from conftest import tiny_params
 
 V = 32
 SPACES = [(kind, stop) for kind in ("continuous", "discrete", "candidates") for stop in (False, True)]
-
-
-@pytest.fixture
-def scene(tiny_map: MapData) -> Scene:
-    t = grid_targets([70.0, 90.0, 100.0, 60.0], [70.0, 60.0, 100.0, 100.0], ["train"] * 4)
-    return Scene.build(tiny_map, t, V)
-
-
-@pytest.fixture
-def memory(scene: Scene) -> MapMemory:
-    return pooled_memory(scene, 4, 16.0)
 
 
 def config(kind: str, stop: bool, **kw: object) -> NavConfig:

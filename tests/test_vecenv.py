@@ -7,29 +7,14 @@ import pytest
 import torch
 from gymnasium.wrappers import TimeLimit
 
-from maprl.data.geo import MapData
 from maprl.features.memory import MapMemory
 from maprl.learn.policies import MapRLNetwork, MapRLPolicy
 from maprl.nav.core import NavConfig
 from maprl.nav.env import SatelliteNavEnv
-from maprl.nav.runtime import pooled_memory
 from maprl.nav.scene import Scene
 from maprl.nav.vecenv import NavVecEnv
 
-from conftest import grid_targets
-
 V = 32
-
-
-@pytest.fixture
-def scene(tiny_map: MapData) -> Scene:
-    t = grid_targets([70.0, 90.0, 100.0, 60.0], [70.0, 60.0, 100.0, 100.0], ["train"] * 4)
-    return Scene.build(tiny_map, t, V)
-
-
-@pytest.fixture
-def memory(scene: Scene) -> MapMemory:
-    return pooled_memory(scene, 4, 16.0)
 
 
 @pytest.mark.parametrize("mem", ["none", "retrieval", "retrieval+decoys"])
