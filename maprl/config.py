@@ -239,6 +239,9 @@ class AgentParams(_Section):
     candidate_view_sim: bool = Field(
         False, description="Per candidate, the similarity of the current view to the map's view there."
     )
+    candidate_seen_sim: bool = Field(
+        False, description="Per candidate, the best own similarity seen there this episode (-1 before a visit)."
+    )
     portable: bool = Field(
         False,
         description="The nav vector only, similarities relative to the stop threshold: transfers to other maps.",
@@ -621,17 +624,24 @@ decoys)."""
 
 SEARCH_AGENT: dict[str, dict[str, Any]] = {
     "env": {"actions": "candidates", "stop_action": True},
-    "agent": {"n_candidates": 3, "sim_history": 4, "candidate_view_sim": True, "portable": True},
+    "agent": {
+        "n_candidates": 3,
+        "sim_history": 4,
+        "candidate_view_sim": True,
+        "candidate_seen_sim": True,
+        "portable": True,
+    },
     "train": {"decoy_rate": 0.5},
 }
+"""What ``train@search`` changes from params.yaml: it picks among 3 retrieval candidates (fly to one,
+refine, move on, STOP), sees its recent similarities, how its view compares with each candidate's
+and the best match it has seen at each candidate (the nav vector only, similarities relative to
+the stop threshold: portable to other maps), and trains with decoys in half its episodes, on
+photos randomized as ``train@randomized``'s, after a warm start that clones the scripted search
+(:mod:`maprl.learn.imitation`)."""
 SEARCH_IMITATE_SHARE = 0.2
 """``train@search`` clones the scripted search for this share of ``train.total_timesteps`` (unless
 ``train.imitate`` is set) before PPO."""
-"""What ``train@search`` changes from params.yaml: it picks among 3 retrieval candidates (fly to one,
-refine, move on, STOP), sees its recent similarities and how its view compares with each candidate's
-(the nav vector only, similarities relative to the stop threshold: portable to other maps),
-and trains with decoys in half its episodes, on photos randomized as ``train@randomized``'s, after a
-warm start that clones the scripted search (:mod:`maprl.learn.imitation`)."""
 
 
 def agent_variant(params: Params, agent: str) -> Params:

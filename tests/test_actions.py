@@ -38,7 +38,7 @@ def env(scene: Scene, memory: MapMemory, cfg: NavConfig) -> SatelliteNavEnv:
 def test_every_action_space_passes_both_checkers_and_the_batched_env(
     scene: Scene, memory: MapMemory, kind: str, stop: bool
 ) -> None:
-    cfg = config(kind, stop, sim_history=3, candidate_view_sim=True)
+    cfg = config(kind, stop, sim_history=3, candidate_view_sim=True, candidate_seen_sim=True)
     e = env(scene, memory, cfg)
     assert e.action_space == cfg.action_space()
     if kind != "continuous":
@@ -55,7 +55,7 @@ def test_every_action_space_passes_both_checkers_and_the_batched_env(
 
 @pytest.mark.parametrize(("kind", "stop"), SPACES)
 def test_vecenv_matches_gym_envs_for_every_action_space(scene: Scene, memory: MapMemory, kind: str, stop: bool) -> None:
-    cfg = config(kind, stop, sim_history=2, candidate_view_sim=True, shaping=0.5, gamma=0.9)
+    cfg = config(kind, stop, sim_history=2, candidate_view_sim=True, candidate_seen_sim=True, shaping=0.5, gamma=0.9)
     n, rng = 3, np.random.default_rng(1)
     episodes = [(int(rng.integers(4)), *rng.uniform(30, 100, 2)) for _ in range(200)]
     venv = NavVecEnv(scene, n, cfg, memory=memory)
@@ -142,6 +142,22 @@ def test_move_on_visits_unvisited_candidates_in_rank_order(scene: Scene, memory:
         if e.core.visited[0].all():
             break
     assert order == sorted(order) and e.core.visited[0].all()
+
+
+def test_seen_similarity_is_the_best_match_at_each_visited_candidate(scene: Scene, memory: MapMemory) -> None:
+    cfg = config("candidates", False, action_step=0.2, candidate_seen_sim=True, portable=True)
+    e = env(scene, memory, cfg)
+    k = cfg.agent.n_candidates
+    obs, _ = e.reset(options={"target_id": int(scene.targets["id"][2]), "start": (20.0, 110.0)})
+    assert np.all(obs["nav"][-k:] == -1.0)  # nothing visited yet
+    best = np.full(k, -np.inf)
+    for _ in range(30):
+        nav = e.step(k + 1)[0]["nav"]
+        at = e.core.at_candidates()[0]
+        best = np.where(at, np.maximum(best, e.core.sim[0]), best)
+        want = np.where(np.isfinite(best), best - cfg.stop_threshold, -1.0)
+        assert np.allclose(nav[-k:], want, atol=1e-6)
+    assert e.core.visited[0].all()  # every candidate's entry was checked against a real visit
 
 
 def test_refine_never_lowers_the_similarity(scene: Scene, memory: MapMemory) -> None:

@@ -17,7 +17,9 @@ Feature observation (``obs_features``):
 |         |       | best two candidates. Then, if asked: the own similarity of the last  |
 |         |       | ``agent.sim_history`` steps (newest first), and per candidate the    |
 |         |       | similarity of the current view to the map's view at the candidate    |
-|         |       | (``agent.candidate_view_sim``: "am I there, and does it match?");    |
+|         |       | (``agent.candidate_view_sim``: "am I there, and does it match?"),    |
+|         |       | and per candidate the best own similarity seen there this episode,   |
+|         |       | -1 before a visit (``agent.candidate_seen_sim``: "where was best?"); |
 |         |       | with ``env.stop_action``, last, the share of the step budget left    |
 
 With ``agent.portable`` the observation is ``nav`` alone and every similarity in it is given
@@ -119,7 +121,7 @@ class NavConfig:
         base = 2 * a.include_position + 2 * a.include_prev_action + 1 + a.sim_history + self.env.stop_action
         if not self.retrieval:
             return base
-        return base + 8 * a.n_candidates + 1 + a.n_candidates * a.candidate_view_sim
+        return base + 8 * a.n_candidates + 1 + a.n_candidates * (a.candidate_view_sim + a.candidate_seen_sim)
 
     def action_space(self) -> Any:
         """The Gymnasium action space of ``env.actions`` / ``env.stop_action``."""
@@ -324,6 +326,8 @@ class NavCore:
             parts.append(self.sim_hist[idx] - off)
         if self.cfg.retrieval and a.candidate_view_sim:
             parts.append(np.einsum("nkd,nd->nk", self.cand_embs[idx], self.cur_emb[idx]) - off)
+        if self.cfg.retrieval and a.candidate_seen_sim:  # where to go back to once every candidate disappointed
+            parts.append(np.where(self.visited[idx], self.cand_seen[idx] - off, -1.0))
         if self.cfg.env.stop_action:  # the budget left: an agent that must stop has to know when time runs out
             limit = self.cfg.max_steps
             parts.append((1.0 - self.steps[idx, None] / limit) if limit else np.zeros((n, 1)))
