@@ -106,6 +106,26 @@ def test_faiss_memory_agrees_with_exact_search() -> None:
         MapMemory(pos, emb, 20.0, index="hnsw")
 
 
+def test_a_remembered_query_answers_as_a_fresh_one_and_cannot_be_spoilt() -> None:
+    from maprl.features.memory import QUERY_MEMO, MapMemory
+
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(500, 16))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pos = rng.uniform(0, 500, (500, 2))
+    memory = MapMemory(pos, emb, 10.0)
+    q = emb[:7] + 0.1 * rng.normal(size=(7, 16))
+    first = memory.query(q, k=3)
+    first[0][:] = -1.0  # a caller that writes into the answer
+    for answer in (memory.query(q, k=3), MapMemory(pos, emb, 10.0).query(q, k=3)):
+        assert (answer[0] >= 0).all()
+    assert np.array_equal(memory.query(q, k=3)[0], MapMemory(pos, emb, 10.0).query(q, k=3)[0])
+    assert memory.query(q, k=2)[0].shape == (7, 2, 2)  # another k is another question
+    for i in range(QUERY_MEMO + 3):
+        memory.query(q[: i % 7 + 1] * (1 + i), k=3)
+    assert len(memory._answers) <= QUERY_MEMO
+
+
 def test_sample_centres_draws_as_the_index_array_did() -> None:
     """Drawn without an index array of every valid pixel, the same rng gives the same centres."""
     from maprl.views import sample_centres

@@ -166,9 +166,10 @@ def evaluate_all(
     test = episodes[episodes["split"] == "test"]
     runs = [("same", episodes)] + [(d, test.assign(split=f"test_{d}")) for d in rt.domains if d != "same"]
     frames, paths = [], {}
+    models = load_agents(params, policies)
     for domain, eps in runs:
         scene = rt.scene if domain == "same" else rt.domain_scene(domain)
-        df, pth = evaluate_on(params, rt, scene, policies, eps)
+        df, pth = evaluate_on(params, rt, scene, models, eps)
         heading = rt.photos[domain].heading_deg if domain in rt.photos else np.zeros(len(scene.targets))
         df["photo_heading_deg"] = heading[df["target_row"].to_numpy(np.int64)]
         if "texture" in scene.targets:
@@ -179,16 +180,20 @@ def evaluate_all(
     return pd.concat(frames, ignore_index=True), paths
 
 
+def load_agents(params: Params, policies: Mapping[str, str | Path]) -> dict[str, Any]:
+    """Each agent's trained model (agent name -> policy.zip in, agent name -> model out), loaded once."""
+    return {agent: load_policy(path, agent_variant(params, agent).train.algo) for agent, path in policies.items()}
+
+
 def method_factories(
-    params: Params, rt: Runtime, scene: Scene, policies: Mapping[str, str | Path], oracle: bool = True
+    params: Params, rt: Runtime, scene: Scene, models: Mapping[str, Any], oracle: bool = True
 ) -> list[tuple[NavConfig, dict[str, Any]]]:
-    """(config, {method name: controller factory}) groups: each agent with its own config, then the baselines
-    (without the template-matching oracle if not ``oracle``)."""
+    """(config, {method name: controller factory}) groups: each agent (``models`` from :func:`load_agents`)
+    with its own config, then the baselines (without the template-matching oracle if not ``oracle``)."""
     p = params.evaluate
     groups: list[tuple[NavConfig, dict[str, Any]]] = []
-    for agent, path in policies.items():
+    for agent, model in models.items():
         ap = agent_variant(params, agent)
-        model = load_policy(path, ap.train.algo)
         cfg = nav_config(ap, rt, max_steps=p.max_steps, shaping=0.0)
         groups.append((cfg, {AGENT_ROWS[agent]: functools.partial(AgentController, model)}))
     base = nav_config(params, rt, max_steps=p.max_steps, shaping=0.0)
@@ -201,11 +206,11 @@ def method_factories(
 
 
 def evaluate_on(
-    params: Params, rt: Runtime, scene: Scene, policies: Mapping[str, str | Path], episodes: pd.DataFrame
+    params: Params, rt: Runtime, scene: Scene, models: Mapping[str, Any], episodes: pd.DataFrame
 ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
     """Every agent and baseline on ``episodes`` of ``scene`` (whose target photos may come from a query domain)."""
     frames, paths = [], {}
-    for cfg, methods in method_factories(params, rt, scene, policies):
+    for cfg, methods in method_factories(params, rt, scene, models):
         df, pth = evaluate_methods(scene, rt.memory, cfg, methods, episodes)
         frames.append(df)
         paths.update(pth)

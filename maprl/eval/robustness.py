@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from maprl.config import Params
 from maprl.errors import InputError
 from maprl.eval.episodes import evaluate_methods, make_episodes
-from maprl.eval.evaluate import method_factories
+from maprl.eval.evaluate import load_agents, method_factories
 from maprl.features.photos import embed_photos, perturbed_photos
 from maprl.io import atomic_path, staged_dir, write_csv, write_json
 from maprl.nav.runtime import Runtime, load_runtime
@@ -74,12 +74,13 @@ def perturbed_scene(
 
 
 def run_methods(
-    params: Params, rt: Runtime, scene: Scene, policies: Mapping[str, str | Path], episodes: pd.DataFrame,
+    params: Params, rt: Runtime, scene: Scene, models: Mapping[str, Any], episodes: pd.DataFrame,
     config_update: dict[str, Any] | None = None,
 ) -> pd.DataFrame:  # fmt: skip
-    """The :data:`METHODS` on ``episodes`` of ``scene`` (optionally with perturbed dynamics)."""
+    """The :data:`METHODS` on ``episodes`` of ``scene`` (optionally with perturbed dynamics); ``models`` as
+    :func:`~maprl.eval.evaluate.load_agents` returns them."""
     frames = []
-    for cfg, methods in method_factories(params, rt, scene, policies, oracle=params.robustness.oracle):
+    for cfg, methods in method_factories(params, rt, scene, models, oracle=params.robustness.oracle):
         keep = {k: v for k, v in methods.items() if k in METHODS}
         if keep:
             cfg = dataclasses.replace(cfg, **(config_update or {}))
@@ -95,7 +96,7 @@ def _summary(df: pd.DataFrame, **labels: Any) -> list[dict[str, Any]]:
 
 
 def perturbation_matrix(
-    params: Params, rt: Runtime, policies: Mapping[str, str | Path], episodes: pd.DataFrame
+    params: Params, rt: Runtime, models: Mapping[str, Any], episodes: pd.DataFrame
 ) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
     """Tidy rows (domain, kind, strength, method, success_rate, spl, heading_error_median) and example photos."""
     p, seed = params.robustness, params.base.seed
@@ -104,30 +105,28 @@ def perturbation_matrix(
     examples: dict[str, dict[str, np.ndarray]] = {}
     cells = [(d, k, s) for d in rt.domains for k in p.kinds for s in p.strengths]
     for domain in rt.domains:
-        df = run_methods(params, rt, rt.domain_scene(domain), policies, episodes)
+        df = run_methods(params, rt, rt.domain_scene(domain), models, episodes)
         kept = rt.photos[domain].heading_deg[rows]  # the true heading of an unperturbed photo is 0
         kept_error = float(np.median(np.abs((kept + 180.0) % 360.0 - 180.0)))
         out += _summary(df, domain=domain, kind="none", strength=0.0, heading_error_median=kept_error)
     for domain, kind, strength in tqdm(cells, desc="robustness", unit="cell", leave=False):
         scene, err = perturbed_scene(rt, domain, rows, kind, strength, cell_rng(seed, domain, kind, strength))
-        df = run_methods(params, rt, scene, policies, episodes)
+        df = run_methods(params, rt, scene, models, episodes)
         out += _summary(df, domain=domain, kind=kind, strength=strength, heading_error_median=float(np.median(err)))
         if strength == max(p.strengths):
             examples.setdefault(domain, {})[kind] = scene.target_photo(int(rows[0]))
     return pd.DataFrame(out), examples
 
 
-def dynamics_sweep(
-    params: Params, rt: Runtime, policies: Mapping[str, str | Path], episodes: pd.DataFrame
-) -> pd.DataFrame:
+def dynamics_sweep(params: Params, rt: Runtime, models: Mapping[str, Any], episodes: pd.DataFrame) -> pd.DataFrame:
     """Success under perturbed dynamics (the map's own photos): action scale, then action noise."""
     p = params.robustness
     out: list[dict[str, Any]] = []
     for scale in [1.0, *p.action_scales]:
-        df = run_methods(params, rt, rt.scene, policies, episodes, {"action_scale": scale})
+        df = run_methods(params, rt, rt.scene, models, episodes, {"action_scale": scale})
         out += _summary(df, sweep="action_scale", value=scale)
     for noise in p.action_noise:
-        df = run_methods(params, rt, rt.scene, policies, episodes, {"action_noise": noise})
+        df = run_methods(params, rt, rt.scene, models, episodes, {"action_noise": noise})
         out += _summary(df, sweep="action_noise", value=noise)
     return pd.DataFrame(out)
 
@@ -192,8 +191,9 @@ def run_robustness(
         raise InputError(f"robustness runs the agents memory and randomized, not {', '.join(unknown)}")
     rt = load_runtime(params, map_path, targets_path, features_dir)
     episodes = robustness_episodes(rt, params.robustness.episodes, params.base.seed)
-    table, examples = perturbation_matrix(params, rt, policies, episodes)
-    dyn = dynamics_sweep(params, rt, policies, episodes)
+    models = load_agents(params, policies)
+    table, examples = perturbation_matrix(params, rt, models, episodes)
+    dyn = dynamics_sweep(params, rt, models, episodes)
     result = metrics(table, dyn, params)
     with staged_dir(out_dir) as out:
         write_csv(out / "robustness.csv", table)
