@@ -4,6 +4,7 @@ no-learning baselines, on the evaluate stage's own fixed episodes.
 Usage (after `dvc repro`, from the repository root):
     python benchmarks/bench_search.py --seeds 3 [--timesteps 300000] [--params params.yaml] [--out /tmp/bench_search]
     python benchmarks/bench_search.py --agent memory --algo recurrent_ppo --decoy-rate 0.3 --seeds 1   # other agents
+    python benchmarks/bench_search.py --agent randomized --decoy-rate 0.5 --curriculum 4   # with a curriculum
     python benchmarks/bench_search.py --recall-only        # how often the truth is among the top-k candidates
 
 The map, targets, features, tuned hyperparameters and episodes are the pipeline's (data/, models/,
@@ -59,14 +60,11 @@ def episode_sets(params, rt: Runtime) -> list[tuple[str, pd.DataFrame]]:  # type
     return sets
 
 
-def variant(params, agent: str, algo: str | None, decoy_rate: float | None, seed: int):  # type: ignore[no-untyped-def]
-    """``agent``'s params (``--agent``), with ``--algo`` / ``--decoy-rate`` overrides and training seed ``seed``."""
+def variant(params, agent: str, overrides: dict[str, object], seed: int):  # type: ignore[no-untyped-def]
+    """``agent``'s params (``--agent``), with train-section ``overrides`` (``--algo``, ``--decoy-rate``,
+    ``--curriculum``) and training seed ``seed``."""
     sp = agent_variant(params, agent)
-    train_update: dict[str, object] = {"progress_bar": False, "resume": False}
-    if algo is not None:
-        train_update["algo"] = algo
-    if decoy_rate is not None:
-        train_update["decoy_rate"] = decoy_rate
+    train_update: dict[str, object] = {"progress_bar": False, "resume": False, **overrides}
     base = sp.base.model_copy(update={"seed": seed})
     return sp.model_copy(update={"base": base, "train": sp.train.model_copy(update=train_update)})
 
@@ -77,8 +75,7 @@ def run(
     timesteps: int | None,
     out: Path,
     agent: str = "search",
-    algo: str | None = None,
-    decoy_rate: float | None = None,
+    overrides: dict[str, object] | None = None,
 ) -> pd.DataFrame:
     params = load_params(params_path, stage="train")
     if timesteps is not None:
@@ -103,9 +100,10 @@ def run(
                         "spl": g["spl"].mean(),
                     }
                 )
-    name = "agent_search" if agent == "search" and algo is None else f"agent_{agent}_{sp_name(algo, decoy_rate)}"
+    overrides = overrides or {}
+    name = f"agent_{agent}" + "".join(f"_{k}{v}" for k, v in overrides.items())
     for i in range(seeds):
-        sp = variant(params, agent, algo, decoy_rate, params.base.seed + i)
+        sp = variant(params, agent, overrides, params.base.seed + i)
         folder = out / f"seed{i}"
         paths = RunPaths(
             folder / "policy.zip", folder / "ck", folder / "history.json", folder / "train.json", folder / "live"
@@ -122,10 +120,6 @@ def run(
             rows.append({"method": name, "seed": i, "split": split,
                          "success_rate": df["success"].mean(), "spl": df["spl"].mean()})  # fmt: skip
     return pd.DataFrame(rows)
-
-
-def sp_name(algo: str | None, decoy_rate: float | None) -> str:
-    return "-".join(x for x in (algo, None if decoy_rate is None else f"decoys{decoy_rate:g}") if x) or "default"
 
 
 def recall_table(params_path: str, k_max: int = 5) -> str:
@@ -174,6 +168,7 @@ def main() -> None:
     ap.add_argument("--agent", default="search", help="the train@ variant to train (default: search)")
     ap.add_argument("--algo", default=None, help="train.algo override (ppo | recurrent_ppo)")
     ap.add_argument("--decoy-rate", type=float, default=None, help="train.decoy_rate override")
+    ap.add_argument("--curriculum", type=int, default=None, help="train.curriculum override (levels; 0: off)")
     ap.add_argument("--recall-only", action="store_true", help="print only how often the truth is among the candidates")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_search"), help="policies and rows.csv go here")
     args = ap.parse_args()
@@ -181,11 +176,13 @@ def main() -> None:
         print(recall_table(args.params))
         return
     t0 = time.perf_counter()
-    rows = run(args.params, args.seeds, args.timesteps, args.out, args.agent, args.algo, args.decoy_rate)
+    given = {"algo": args.algo, "decoy_rate": args.decoy_rate, "curriculum": args.curriculum}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    rows = run(args.params, args.seeds, args.timesteps, args.out, args.agent, overrides)
     write_csv(args.out / "rows.csv", rows)
+    changed = ", ".join(f"train.{k} {v}" for k, v in overrides.items()) or "no train overrides"
     print(
-        f"\n# bench_search: agent {args.agent}, algo {args.algo or 'as params'}, decoy rate "
-        f"{'as params' if args.decoy_rate is None else args.decoy_rate}; {args.seeds} training seeds, "
+        f"\n# bench_search: agent {args.agent}, {changed}; {args.seeds} training seeds, "
         f"{time.perf_counter() - t0:.0f} s wall, params {args.params}\n"
     )
     print(table(rows))

@@ -277,6 +277,16 @@ class TrainParams(_Section):
         lt=1,
         description="Share of training episodes whose top retrieval candidate is a decoy.",
     )
+    curriculum: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Curriculum levels (0: off): decoy rate and photo perturbation start at 0 and rise a level each "
+        "time a rollout's training success reaches train.curriculum_success.",
+    )
+    curriculum_success: float = Field(
+        0.8, gt=0, le=1, description="Training success rate over one rollout that moves the curriculum up a level."
+    )
     randomize: float = Field(
         0.5, ge=0, le=1, description="train@randomized: largest perturbation strength of its training target photos."
     )

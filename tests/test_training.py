@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.vec_env import VecMonitor
 
 from maprl.config import Params
 from maprl.data.geo import MapData
@@ -93,20 +95,26 @@ def _without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k not in ("seconds", "timesteps_per_second", "resumed_from")}
 
 
+@pytest.mark.parametrize("curriculum", [{}, {"curriculum": 2, "curriculum_success": 0.05, "decoy_rate": 0.5}])
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(
-    tmp_path: Path, rt: Runtime, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, rt: Runtime, monkeypatch: pytest.MonkeyPatch, curriculum: dict[str, Any]
 ) -> None:
     """Defects: a resumed run evaluated at 130, 132... lost its history, and ended with other
     numbers than an uninterrupted run (val/test SPL 0.8489/0.7398 against 0.8513/0.7401)."""
-    full = train(_params(384), rt, _paths(tmp_path / "full"))
+    full = train(_params(384, **curriculum), rt, _paths(tmp_path / "full"))
     part = _paths(tmp_path / "part")
     with monkeypatch.context() as m:
         _kill_after_checkpoint(m, 128)
         with pytest.raises(KeyboardInterrupt):
-            train(_params(384), rt, part)
+            train(_params(384, **curriculum), rt, part)
     assert (part.checkpoints / "checkpoint.zip").exists() and not part.policy.exists()
-    resumed = train(_params(384), rt, part)
+    resumed = train(_params(384, **curriculum), rt, part)
+    assert (full["curriculum"] is None) == (not curriculum)
     assert resumed["resumed_from"] == 128 and full["resumed_from"] == 0
+    if curriculum:  # the level travels in the checkpoint; only raises after the resume are listed again
+        assert full["curriculum"]["raised_at"][0] <= 128 < full["curriculum"]["raised_at"][-1]
+        assert resumed["curriculum"]["level"] == full["curriculum"]["level"]
+        resumed["curriculum"] = full["curriculum"]
     assert _without_timing(resumed) == _without_timing(full)
     assert part.history.read_text() == (tmp_path / "full" / "m" / "history.json").read_text()
     assert [r["timesteps"] for r in json.loads(part.history.read_text())] == [64, 128, 192, 256, 320, 384]
@@ -197,3 +205,44 @@ def test_randomize_changes_the_training_photos_and_not_the_evaluation_episodes(r
         assert np.array_equal(sc.target_embeddings()[a], rt.scene.target_embeddings()[b])
     pd_equal = make_episodes(rt.scene, "test", 6, seed=3).equals(before)
     assert pd_equal and rt.scene.target_embeddings() is not sc.target_embeddings()
+
+
+def test_a_curriculum_starts_easy_and_widens_to_the_whole_distribution(rt: Runtime) -> None:
+    p = _params(64, curriculum=2, randomize=1.0, randomize_views=2, decoy_rate=0.6)
+    env = training.make_train_env(p, rt, "train", 2, 0)
+    caps = env.scene.targets["strength_cap"].to_numpy(float)
+    train_rows = env.scene.split_rows("train")
+    assert sorted(set(caps[train_rows])) == [0.0, 0.5, 1.0]  # own photo, copy 0 (cap 0.5), copy 1 (cap 1.0)
+
+    def drawn(level: float) -> tuple[set[float], float]:
+        env.set_curriculum(level)
+        draws = [env._draw(i % 2) for i in range(400)]
+        return {float(caps[r]) for r, _, _ in draws}, float(np.mean([not np.isnan(d[0]) for _, _, d in draws]))
+
+    assert drawn(0.0) == ({0.0}, 0.0)  # own photos only, no decoys
+    seen, decoys = drawn(0.5)
+    assert seen == {0.0, 0.5} and 0.2 < decoys < 0.4
+    seen, decoys = drawn(1.0)
+    assert seen == {0.0, 0.5, 1.0} and 0.5 < decoys < 0.7
+    assert "strength_cap" not in training.make_train_env(_params(64, randomize=1.0), rt, "train", 2, 0).scene.targets
+
+
+def test_the_curriculum_moves_up_a_level_only_after_a_rollout_that_succeeded(rt: Runtime) -> None:
+    p = _params(64, curriculum=3, curriculum_success=0.5, decoy_rate=0.6)
+    model = training.build_model(p.train, VecMonitor(training.make_train_env(p, rt, "train", 2, 0)), 0)
+    model.set_logger(Logger(None, []))
+    env = training._training_env(model)
+    env.set_curriculum(0.0)
+    cb = training.Curriculum(3, 0.5)
+    cb.init_callback(model)
+    for wins, level in [([True, False, False], 0.0), ([True, True, False], 1 / 3), ([], 1 / 3), ([True], 2 / 3)]:
+        for w in wins:
+            cb.update_locals({"infos": [{"is_success": w}, {}]})
+            cb.on_step()
+        cb.on_rollout_end()
+        assert env.level == pytest.approx(level)
+    for _ in range(3):
+        cb.update_locals({"infos": [{"is_success": True}]})
+        cb.on_step()
+        cb.on_rollout_end()
+    assert env.level == 1.0 and len(cb.raised_at) == 3  # never past the whole distribution

@@ -2,8 +2,9 @@
 
 Readable on purpose: :func:`build_model` makes the algorithm from ``params.train``,
 :func:`train` wires the vector env, callbacks (periodic evaluation on the validation part of
-the train split and on the test split, checkpoints, dvclive) and resume; :func:`run_train` is
-the stage, with every path given by ``dvc.yaml``.
+the train split and on the test split, checkpoints, dvclive, and with ``train.curriculum`` a
+:class:`Curriculum` that widens the training distribution as the agent succeeds) and resume;
+:func:`run_train` is the stage, with every path given by ``dvc.yaml``.
 
 Callbacks fire on SB3's own timestep trigger (:class:`~stable_baselines3.common.callbacks.EveryNTimesteps`),
 aligned to multiples of their period, so a resumed run evaluates and saves at the same
@@ -195,6 +196,34 @@ class PeriodicEval(BaseCallback):
         return True
 
 
+class Curriculum(BaseCallback):
+    """After each rollout whose finished training episodes succeeded at least ``success`` of the time,
+    move the training env a level (of ``levels``) towards its whole distribution (``set_curriculum``)."""
+
+    def __init__(self, levels: int, success: float) -> None:
+        super().__init__()
+        self.levels, self.success = levels, success
+        self.wins = self.episodes = 0
+        self.raised_at: list[int] = []
+
+    def _on_step(self) -> bool:
+        for info in self.locals["infos"]:
+            if "is_success" in info:
+                self.episodes += 1
+                self.wins += bool(info["is_success"])
+        return True
+
+    def _on_rollout_end(self) -> None:
+        env = _training_env(self.model)
+        level = round(env.level * self.levels)
+        if level < self.levels and self.episodes and self.wins >= self.success * self.episodes:
+            level += 1
+            env.set_curriculum(level / self.levels)
+            self.raised_at.append(int(self.num_timesteps))
+        self.logger.record("curriculum/level", level)
+        self.wins = self.episodes = 0
+
+
 VOLATILE_MODEL_FIELDS = ("start_time", "ep_info_buffer", "ep_success_buffer", "_num_timesteps_at_start", "lr_schedule")
 """SB3 model fields left out of saved models, so that equal runs save equal bytes: wall-clock times
 (episode infos carry theirs), where this process started, and the schedule SB3 rebuilds on load."""
@@ -306,7 +335,7 @@ def make_train_env(
     cfg = nav_config(params, rt, max_steps=p.max_steps, shaping=p.shaping, gamma=gamma, decoy_rate=p.decoy_rate)
     scene = rt.scene
     if p.randomize > 0:  # train@randomized: photos under random perturbations (evaluation keeps rt.scene)
-        scene = rt.randomized_scene(split, p.randomize, p.randomize_views, seed)
+        scene = rt.randomized_scene(split, p.randomize, p.randomize_views, seed, tiers=p.curriculum > 0)
     return NavVecEnv(scene, n_envs, cfg, split=split, memory=rt.memory, seed=seed)
 
 
@@ -417,6 +446,8 @@ def train(
         print(f"train: fine-tuning {p.init_from} for {p.total_timesteps} timesteps")
     fresh = init_model if p.init_from is not None else build_model
     model = resumed or fresh(p, venv, params.base.seed, hparams)
+    if resumed is None and p.curriculum:
+        _training_env(model).set_curriculum(0.0)
     imitation = None
     if resumed is None and p.imitate:
         imitation = clone_expert(model, venv, _training_env(model).cores, p.imitate)
@@ -429,6 +460,9 @@ def train(
         Every(p.eval_freq, periodic),
         Checkpoint(p.checkpoint_freq, paths, periodic, fingerprint),
     ]
+    curriculum = Curriculum(p.curriculum, p.curriculum_success) if p.curriculum else None
+    if curriculum is not None:
+        callbacks.append(curriculum)
     t0 = time.perf_counter()
     model.learn(
         max(0, p.total_timesteps - done),
@@ -449,6 +483,9 @@ def train(
         "memory": params.agent.memory,
         "nav": params.agent.nav,
         "imitation_agreement": None if imitation is None else round(imitation, 4),
+        "curriculum": None
+        if curriculum is None
+        else {"level": _training_env(model).level, "raised_at": curriculum.raised_at},
         "val": {k: final["val"][k] for k in ("success_rate", "spl")},
         "test": {k: final["test"][k] for k in ("success_rate", "spl")},
     }

@@ -136,9 +136,12 @@ class NavConfig:
 DECOY_DISTANCE_RADII = 4.0  # a decoy lies at least this many success radii from the target
 
 
-def draw_decoy(scene: Scene, cfg: NavConfig, target_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One episode's decoy position, or NaNs for none (draws nothing unless ``cfg.decoys``)."""
-    if not cfg.decoys or rng.random() >= cfg.decoy_rate:
+def draw_decoy(
+    scene: Scene, cfg: NavConfig, target_xy: np.ndarray, rng: np.random.Generator, share: float = 1.0
+) -> np.ndarray:
+    """One episode's decoy position, or NaNs for none (draws nothing unless ``cfg.decoys``); a curriculum
+    lowers the decoy rate to ``share`` of ``cfg.decoy_rate``."""
+    if not cfg.decoys or rng.random() >= share * cfg.decoy_rate:
         return np.full(2, np.nan)
     return np.array(scene.sample_far(rng, target_xy, DECOY_DISTANCE_RADII * cfg.success_radius), float)
 

@@ -51,29 +51,37 @@ class Runtime:
         photos = target_photos(self.imagery[domain], xy, self.scene.view_size)
         return self.scene.with_photos(photos, self.photos[domain].embeddings, domain)
 
-    def randomized_scene(self, split: str, strength: float, copies: int, seed: int) -> Scene:
+    def randomized_scene(self, split: str, strength: float, copies: int, seed: int, tiers: bool = False) -> Scene:
         """Domain randomization: the scene with ``copies`` randomized photos of each ``split`` target.
 
         Each copy is cut from a random domain (the map or a query domain) at the target and changed
         by two random perturbations up to ``strength``, then embedded at its best heading. The
-        other splits keep their photos, so evaluation episodes do not change.
+        other splits keep their photos, so evaluation episodes do not change. With ``tiers`` (a
+        curriculum), copy c is perturbed only up to ``strength * (c + 1) / copies``, the ``split``
+        targets keep their own photo too, and the targets' ``strength_cap`` column says each photo's cap.
         """
         sc = self.scene
         rng = np.random.default_rng([seed, 23])
         rows = sc.split_rows(split)
-        keep = np.setdiff1d(np.arange(len(sc.targets)), rows)
+        keep = np.arange(len(sc.targets)) if tiers else np.setdiff1d(np.arange(len(sc.targets)), rows)
         names = list(self.imagery)
         photos, order = [sc.target_photo(int(r)) for r in keep], list(keep)
-        for _ in range(copies):
+        caps = [0.0] * len(keep)
+        for c in range(copies):
+            cap = strength * (c + 1) / copies if tiers else strength
             pick = rng.integers(len(names), size=len(rows))
             for k, name in enumerate(names):
                 mine = rows[pick == k]
                 xy = sc.targets_xy[mine]
-                photos += list(randomized_photos(self.imagery[name], xy, sc.view_size, strength, rng))
+                photos += list(randomized_photos(self.imagery[name], xy, sc.view_size, cap, rng))
                 order += list(mine)
+                caps += [cap] * len(mine)
         stack = np.stack(photos)
         emb = embed_photos(sc.space, self.memory, stack, self.n_headings, accept=self.stop_threshold).embeddings
-        return sc.with_targets(sc.targets.iloc[order], stack, emb)
+        targets = sc.targets.iloc[order]
+        if tiers:
+            targets = targets.assign(strength_cap=caps)
+        return sc.with_targets(targets, stack, emb)
 
 
 def pooled_memory(scene: Scene, stride: int, min_separation: float) -> MapMemory:

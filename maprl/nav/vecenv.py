@@ -69,7 +69,8 @@ class NavVecEnv(_OneObjectVecEnv):
             raise ValueError("the vector env needs config.max_steps")
         self.scene, self.cfg = scene, config
         self.core = NavCore(scene, n_envs, config, memory)
-        self.rows = scene.split_rows(split)
+        self.rows = self._all_rows = scene.split_rows(split)
+        self.level = 1.0  # curriculum: how far towards the whole training distribution (set_curriculum)
         obs_space = feature_obs_space(scene.space.dim, config.nav_dim(), config.agent.portable)
         self.render_mode = None
         super().__init__(n_envs, obs_space, self.core.action_space)
@@ -96,7 +97,17 @@ class NavVecEnv(_OneObjectVecEnv):
         rng = self._rngs[i]
         row = int(self.rows[rng.integers(len(self.rows))])
         start = np.array(self.scene.sample_start(rng), float)
-        return row, start, draw_decoy(self.scene, self.cfg, self.core.targets_xy[row], rng)
+        return row, start, draw_decoy(self.scene, self.cfg, self.core.targets_xy[row], rng, self.level)
+
+    def set_curriculum(self, level: float) -> None:
+        """Draw the next episodes from the easier ``level`` (0..1) of the training distribution: decoys in
+        ``level`` times ``decoy_rate`` of them, and only target photos whose perturbation cap (the targets'
+        ``strength_cap`` column, where there is one) is at most ``level`` times the largest."""
+        self.level = float(level)
+        self.rows = self._all_rows
+        if "strength_cap" in self.scene.targets:
+            cap = self.scene.targets["strength_cap"].to_numpy(float)[self._all_rows]
+            self.rows = self._all_rows[cap <= self.level * cap.max() + 1e-9]
 
     def _reset_idx(self, idx: Iterable[int]) -> None:
         idx = np.fromiter(idx, np.int64)
@@ -114,6 +125,7 @@ class NavVecEnv(_OneObjectVecEnv):
             "core": {k: getattr(self.core, k).copy() for k in NavCore.STATE},
             "rngs": [rng.bit_generator.state for rng in self._rngs],
             "episodes": None if self._episodes is None else list(self._episodes),
+            "level": self.level,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -125,6 +137,7 @@ class NavVecEnv(_OneObjectVecEnv):
         for rng, rng_state in zip(self._rngs, state["rngs"], strict=True):
             rng.bit_generator.state = rng_state
         self._episodes = None if state["episodes"] is None else list(state["episodes"])
+        self.set_curriculum(state.get("level", 1.0))
 
     # -- VecEnv API -------------------------------------------------------------------------
     def reset(self) -> VecEnvObs:
@@ -179,6 +192,14 @@ class MultiWorldVecEnv(_OneObjectVecEnv):
     def _join(self, parts: Sequence[VecEnvObs]) -> dict[str, np.ndarray]:
         keys = parts[0].keys()  # type: ignore[union-attr]
         return {k: np.concatenate([p[k] for p in parts]) for k in keys}  # type: ignore[index]
+
+    @property
+    def level(self) -> float:
+        return self.envs[0].level
+
+    def set_curriculum(self, level: float) -> None:
+        for e in self.envs:
+            e.set_curriculum(level)
 
     def get_state(self) -> dict[str, Any]:
         return {"worlds": [e.get_state() for e in self.envs]}
