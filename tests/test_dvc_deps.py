@@ -69,3 +69,20 @@ def test_stage_deps_cover_every_module_it_imports(stage: str) -> None:
 def test_closure_sees_lazy_imports() -> None:
     """The fetch stage reaches Earth Engine only inside a function; the closure still finds it."""
     assert Path("maprl/data/earthengine.py") in closure(REPO / "pipeline" / "fetch.py")
+
+
+NOT_READ_BY_TUNE = {
+    "hparams", "worlds", "init_from", "imitate", "total_timesteps", "curriculum_success", "eval_freq",
+    "eval_episodes", "checkpoint_freq", "resume", "tensorboard", "progress_bar",
+}  # fmt: skip
+"""train keys a tune trial does not read: the train stage's budget, worlds, warm start and bookkeeping."""
+
+
+def test_tune_depends_on_every_train_key_a_trial_reads_and_on_no_other() -> None:
+    """So that `dvc exp run -S train.worlds=16` (or another budget) does not rerun the study."""
+    from maprl.config import TrainParams
+
+    listed = {p.removeprefix("train.") for p in STAGES["tune"]["params"] if p.startswith("train.")}
+    assert "train" not in STAGES["tune"]["params"]
+    assert listed.isdisjoint(NOT_READ_BY_TUNE)
+    assert listed | NOT_READ_BY_TUNE == set(TrainParams.model_fields), "classify the new train key here and in dvc.yaml"
