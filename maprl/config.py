@@ -263,6 +263,13 @@ class TrainParams(_Section):
     imitate: int = Field(
         0, ge=0, le=100_000_000, description="Timesteps of cloning the scripted search before RL (candidates + STOP)."
     )
+    imitate_rounds: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="1: clone the scripted search's own rollouts; more: DAgger rounds (later rounds label the "
+        "states the cloned policy reaches).",
+    )
     n_envs: int = Field(32, ge=1, le=4096)
     max_steps: int = Field(100, ge=1, le=100_000, description="Episode step budget while training.")
     shaping: float = Field(

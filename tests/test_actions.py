@@ -225,3 +225,21 @@ def test_init_from_fine_tunes_and_rejects_another_observation_space(
     other = dataclasses.replace(cfg, agent=cfg.agent.model_copy(update={"sim_history": 2}))
     with pytest.raises(ParamsError, match=r"train.init_from: .*policy.zip was trained with the observation space"):
         init_model(start, NavVecEnv(scene, 2, other, memory=memory), seed=1)
+
+
+def test_dagger_labels_the_states_the_learner_reaches_with_the_experts_actions(scene: Scene, memory: MapMemory) -> None:
+    from maprl.learn.imitation import _rollout, clone_expert
+
+    cfg = config("candidates", True, action_step=0.2)
+    k = cfg.agent.n_candidates
+    venv = NavVecEnv(scene, 4, cfg, memory=memory, seed=0)
+    own, _ = _rollout(venv, [venv.core], 40)  # the expert's own moves
+    obs, labels = _rollout(venv, [venv.core], 40, act=lambda o: np.full(4, k + 2))  # a learner that stops at once
+    budget_left = lambda rollout: np.concatenate([o["nav"][:, -1] for o in rollout])  # noqa: E731
+    assert (budget_left(own) < 1).any()  # the expert's rollout goes on past the first step
+    assert len(obs) == 10 and (budget_left(obs) == 1).all()  # the learner's states: every episode's first
+    assert all(((a == k + 1) | (a == k + 2)).all() for a in labels)  # the expert only moves on or stops
+    assert sum((a == k + 1).sum() for a in labels) > 0  # ...and there it would have moved on
+    p = tiny_params(train={"n_steps": 16, "batch_size": 32, "n_envs": 4, "hparams": "params"}).train
+    shares = [clone_expert(build_model(p, venv, seed=0), venv, [venv.core], 64, rounds=r) for r in (1, 2)]
+    assert all(0.0 <= s <= 1.0 for s in shares)

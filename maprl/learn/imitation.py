@@ -11,7 +11,10 @@ The expert (:func:`expert_actions`) sees what the agent sees, never the ground t
 the next candidate not yet visited; STOP at a candidate whose view passes the calibrated stop
 threshold; when every candidate has been visited, go back to the best-matching one and STOP
 there. The cloning is plain supervised learning of the expert's actions (cross-entropy on the
-policy's own action distribution); no library is needed for it.
+policy's own action distribution); with ``train.imitate_rounds`` > 1 it is DAgger, which also
+labels the states the cloned policy itself reaches. The loop is a few lines over our own batched
+env; the ``imitation`` package's trainers would need the expert wrapped as an SB3 policy and their
+own env wrappers, for no gain here.
 """
 
 from __future__ import annotations
@@ -36,27 +39,24 @@ def expert_actions(core: NavCore) -> np.ndarray:
     return np.where(match | back, k + 2, k + 1).astype(np.int64)
 
 
-def clone_expert(
-    model: Any, venv: Any, cores: list[NavCore], timesteps: int, epochs: int = 4, batch: int = 256
-) -> float:
-    """Fit ``model.policy`` to the expert's actions on ``timesteps`` of expert rollouts in ``venv``.
-
-    ``cores`` are the batched states behind ``venv`` (one per world; ``venv`` may be wrapped). Returns
-    the share of the expert's actions the cloned policy takes (deterministically) on the collected states.
-    """
+def _rollout(
+    venv: Any, cores: list[NavCore], steps: int, act: Any = None
+) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    """``steps`` agent-steps of ``venv``: the observations and the expert's action at each; the moves are the
+    expert's own, or ``act(obs)``'s (the learner's, for DAgger)."""
     obs = venv.reset()
     observations: list[dict[str, np.ndarray]] = []
     actions: list[np.ndarray] = []
-    for _ in range(max(1, timesteps // venv.num_envs)):
+    for _ in range(max(1, steps // venv.num_envs)):
         a = np.concatenate([expert_actions(core) for core in cores])
         observations.append(obs)
         actions.append(a)
-        obs, _, _, _ = venv.step(a)
-    data = {key: np.concatenate([o[key] for o in observations]) for key in observations[0]}
-    target = torch.as_tensor(np.concatenate(actions))
-    policy = model.policy
-    obs_t, _ = policy.obs_to_tensor(data)
-    gen = torch.Generator().manual_seed(0)
+        obs, _, _, _ = venv.step(a if act is None else act(obs))
+    return observations, actions
+
+
+def _fit(policy: Any, obs_t: dict[str, torch.Tensor], target: torch.Tensor, epochs: int, batch: int, gen: Any) -> None:
+    """Maximise the likelihood of ``target`` actions under ``policy`` (cross-entropy), minibatch SGD."""
     policy.set_training_mode(True)
     for _ in range(epochs):
         for idx in torch.randperm(len(target), generator=gen).split(batch):
@@ -66,6 +66,41 @@ def clone_expert(
             loss.backward()
             policy.optimizer.step()
     policy.set_training_mode(False)
+
+
+def clone_expert(
+    model: Any,
+    venv: Any,
+    cores: list[NavCore],
+    timesteps: int,
+    epochs: int = 4,
+    batch: int = 256,
+    rounds: int = 1,
+) -> float:
+    """Fit ``model.policy`` to the expert's actions on ``timesteps`` agent-steps of rollouts in ``venv``.
+
+    ``rounds`` 1 is behaviour cloning on the expert's own rollouts. With more, it is DAgger (Ross,
+    Gordon and Bagnell 2011): the first round clones ``timesteps / rounds`` expert steps; each further
+    round rolls out the cloned policy (deterministic, as it is evaluated), labels the states *it*
+    reaches with the expert's actions, and refits on everything gathered so far. So the policy also
+    learns what the expert would do in the states its own mistakes lead to, which plain cloning never
+    shows it. ``cores`` are the batched states behind ``venv`` (one per world; ``venv`` may be wrapped).
+    Returns the share of the expert's actions the cloned policy takes (deterministically) on all the
+    collected states.
+    """
+    policy = model.policy
+    gen = torch.Generator().manual_seed(0)
+    observations: list[dict[str, np.ndarray]] = []
+    actions: list[np.ndarray] = []
+    for r in range(rounds):
+        learner = None if r == 0 else (lambda o: model.predict(o, deterministic=True)[0])
+        more_obs, more_actions = _rollout(venv, cores, timesteps // rounds, learner)
+        observations += more_obs
+        actions += more_actions
+        data = {key: np.concatenate([o[key] for o in observations]) for key in observations[0]}
+        target = torch.as_tensor(np.concatenate(actions))
+        obs_t, _ = policy.obs_to_tensor(data)
+        _fit(policy, obs_t, target, epochs, batch, gen)
     with torch.no_grad():
         taken = policy.get_distribution(obs_t).mode()
     return float((taken == target).float().mean())

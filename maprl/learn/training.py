@@ -450,7 +450,7 @@ def train(
         _training_env(model).set_curriculum(0.0)
     imitation = None
     if resumed is None and p.imitate:
-        imitation = clone_expert(model, venv, _training_env(model).cores, p.imitate)
+        imitation = clone_expert(model, venv, _training_env(model).cores, p.imitate, rounds=p.imitate_rounds)
         print(f"train: cloned the scripted search for {p.imitate} timesteps (it takes {imitation:.1%} of its actions)")
     done = int(model.num_timesteps)
     live = Live(str(paths.live), dvcyaml=None, save_dvc_exp=False, resume=done > 0, report=None)
