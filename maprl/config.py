@@ -252,7 +252,14 @@ class TrainParams(_Section):
     hparams: Literal["tuned", "params"] = Field(
         "tuned", description="tuned: best trial of the tune stage (models/best_hparams.yaml); params: the values below."
     )
-    algo: Literal["ppo", "recurrent_ppo"] = "ppo"
+    algo: Literal["ppo", "a2c", "reinforce", "recurrent_ppo", "sac", "td3", "dqn", "qrdqn"] = Field(
+        "ppo",
+        description="ppo | a2c | reinforce (A2C with Monte Carlo returns) | recurrent_ppo | sac, td3 (env.actions: "
+        "continuous) | dqn, qrdqn (discrete or candidates actions).",
+    )
+    buffer_size: int = Field(
+        100_000, ge=64, le=100_000_000, description="Replay buffer of the off-policy algos (sac, td3, dqn, qrdqn)."
+    )
     worlds: int = Field(
         1, ge=1, le=256, description="Train across this many procedural worlds (portable agents: train@search)."
     )
@@ -568,6 +575,75 @@ class RobustnessParams(_Section):
         return self
 
 
+class GridSetting(_Section):
+    """One grid of the ``grid`` stage: ``size`` x ``size`` patches of ``patch`` pixels, ``budget`` moves,
+    start-goal distances ``c_min..c_max`` (Manhattan, in cells)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="Setting name (lower case, digits, _).")
+    size: int = Field(5, ge=2, le=64, description="Grid side, cells.")
+    patch: int = Field(64, ge=8, le=1024, description="Patch side, map pixels (a grid image is size * patch).")
+    budget: int = Field(10, ge=1, le=64, description="Moves per episode.")
+    c_min: int = Field(4, ge=1, le=126, description="Smallest start-goal Manhattan distance, cells.")
+    c_max: int = Field(8, ge=1, le=126, description="Largest start-goal Manhattan distance, cells.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GridSetting:
+        if not self.c_min <= self.c_max <= 2 * (self.size - 1):
+            raise ValueError(
+                f"setting {self.name}: need c_min <= c_max <= 2 * (size - 1) = {2 * (self.size - 1)}; "
+                f"got {self.c_min}..{self.c_max}"
+            )
+        return self
+
+
+def _default_grid_settings() -> list[GridSetting]:
+    return [
+        GridSetting(name="published", size=5, patch=64, budget=10, c_min=4, c_max=8),
+        GridSetting(name="hard", size=15, patch=32, budget=10, c_min=6, c_max=10),
+    ]
+
+
+class GridParams(_Section):
+    """The ``grid`` stage: the published active geo-localization protocol (a grid of patches, 4 moves)."""
+
+    settings: list[GridSetting] = Field(
+        default_factory=_default_grid_settings,
+        description="Grids to run: published (5x5, budget 10, C 4..8, as AiRLoc, GOMAA-Geo, GeoExplorer) and hard.",
+    )
+    pairs: int = Field(5, ge=1, le=1000, description="Test episodes per image and distance (start-goal pairs).")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of the grid images held out for test.")
+    seeds: int = Field(3, ge=1, le=64, description="Training seeds of the agent (base.seed + 0..seeds-1).")
+    timesteps: int = Field(40_000, ge=64, le=100_000_000, description="PPO timesteps per seed and setting.")
+    n_envs: int = Field(16, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    n_steps: int = Field(64, ge=8, le=1_000_000)
+    batch_size: int = Field(256, ge=8, le=1_000_000)
+    n_epochs: int = Field(4, ge=1, le=100)
+    gamma: float = Field(0.95, gt=0, lt=1)
+    gae_lambda: float = Field(0.95, gt=0, le=1)
+    ent_coef: float = Field(0.01, ge=0, le=1)
+    step_cost: float = Field(0.01, ge=0, le=1e6, description="Reward lost per move.")
+    shaping: float = Field(1.0, ge=0, le=1e6, description="Potential-based shaping from the true distance (0: off).")
+    saw_max_states: int = Field(
+        2_000_000, ge=1, description="Self-avoiding walk: exact while this many walks are alive at most, else MC."
+    )
+    saw_rollouts: int = Field(10_000, ge=1, le=10_000_000, description="Self-avoiding walk MC: walks per start cell.")
+    blind_max_nodes: int = Field(
+        2_000_000, ge=1, description="Blind route: exhaustive while this many partial routes, else a beam this wide."
+    )
+    bootstrap_reps: int = Field(2000, ge=100, le=1_000_000, description="Bootstrap resamples of the agent's intervals.")
+    torch_threads: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> GridParams:
+        names = [s.name for s in self.settings]
+        if not names or len(set(names)) != len(names):
+            raise ValueError("settings must be a non-empty list with unique names")
+        if self.batch_size > self.n_steps * self.n_envs:
+            raise ValueError("batch_size must be <= n_steps * n_envs (one rollout)")
+        return self
+
+
 LOCATE_INPUTS = {
     "params": "params.yaml",
     "map": "data/map/map.tif",
@@ -621,6 +697,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     robustness: RobustnessParams = RobustnessParams()
     locate: LocateParams = LocateParams()
+    grid: GridParams = GridParams()
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -709,6 +786,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("base", "tile", "env", "agent", "train", "evaluate"),
     "evaluate": ("base", "tile", "env", "agent", "train", "evaluate", "locate"),
     "robustness": ("base", "tile", "env", "agent", "train", "evaluate", "robustness"),
+    "grid": ("base", "grid"),
 }
 """The params.yaml sections each stage reads; running a stage without one of them is an error."""
 

@@ -9,15 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sb3_contrib import RecurrentPPO
-from stable_baselines3 import PPO
+from stable_baselines3 import A2C
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecMonitor
 
 from maprl.config import Params
 from maprl.data.geo import MapData
 from maprl.errors import InputError, ParamsError
-from maprl.eval.agents import load_policy
+from maprl.eval.agents import ALGOS, algo_class, load_policy
 from maprl.learn import training
 from maprl.learn.policies import MapRLNetwork
 from maprl.learn.training import RunPaths, load_best_hparams, lr_schedule, train
@@ -55,28 +54,86 @@ def _paths(tmp: Path) -> RunPaths:
     )
 
 
-@pytest.mark.parametrize("algo", ["ppo", "recurrent_ppo"])
-def test_train_save_load_predict(tmp_path: Path, rt: Runtime, algo: str) -> None:
-    params = _params(128, algo=algo)
+def _params_for(algo: str, total: int, **train: object) -> Params:
+    """Tiny params for ``algo``: dqn and qrdqn fly the 8 compass moves; off-policy algos start learning at once."""
+    env = {"actions": "discrete"} if algo in ("dqn", "qrdqn") else {}
+    extra: dict[str, object] = {"buffer_size": 256} if algo in training.OFF_POLICY else {}
+    return tiny_params(
+        train={**TRAIN, "hparams": "params", "total_timesteps": total, "algo": algo, **extra, **train},
+        evaluate={"max_steps": 8},
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_algo_trains_saves_loads_and_predicts(tmp_path: Path, rt: Runtime, algo: str) -> None:
+    params = _params_for(algo, 256)
     metrics = train(params, rt, _paths(tmp_path))
-    assert metrics["timesteps"] == 128 and set(metrics["test"]) == {"success_rate", "spl"}
+    assert metrics["algo"] == algo and set(metrics["test"]) == {"success_rate", "spl"}
+    assert 256 <= metrics["timesteps"] < 256 + 2 * 64  # whole rollouts (an off-policy step is n_envs steps)
     model = load_policy(tmp_path / "m" / "policy.zip", algo)
-    assert isinstance(model, RecurrentPPO if algo == "recurrent_ppo" else PPO)
-    assert isinstance(model.policy.features_extractor, MapRLNetwork)
-    obs = {k: v[None] for k, v in _obs(rt).items()}
-    action, state = model.predict(obs, deterministic=True)
-    assert action.shape == (1, 2) and np.all(np.abs(action) <= 1)
-    assert (state is None) == (algo == "ppo")  # the LSTM carries its state between steps
+    assert type(model) is algo_class(algo)
+    net = {"sac": "actor", "td3": "actor", "dqn": "q_net", "qrdqn": "quantile_net"}.get(algo)
+    extractor = (getattr(model.policy, net) if net else model.policy).features_extractor
+    assert isinstance(extractor, MapRLNetwork)
+    action, state = model.predict(_venv(rt, 1, params).reset(), deterministic=True)
+    if algo in ("dqn", "qrdqn"):
+        assert action.shape == (1,) and 0 <= int(action[0]) < 8
+    else:
+        assert action.shape == (1, 2) and np.all(np.abs(action) <= 1)
+    assert (state is not None) == (algo == "recurrent_ppo")  # the LSTM carries its state between steps
     assert (tmp_path / "live" / "plots" / "metrics").is_dir()
-    assert json.loads((tmp_path / "train.json").read_text())["timesteps"] == 128
+    assert json.loads((tmp_path / "train.json").read_text())["timesteps"] == metrics["timesteps"]
 
 
-def _obs(rt: Runtime) -> dict:
-    from maprl.nav.core import NavConfig
+def test_reinforce_is_a2c_with_monte_carlo_returns(rt: Runtime) -> None:
+    model: Any = training.build_model(_params_for("reinforce", 64).train, VecMonitor(_venv(rt, 2)), 0)
+    assert type(model) is A2C and model.gae_lambda == 1.0 and model.n_steps == TRAIN["max_steps"]
+    assert not model.normalize_advantage
+    a2c: Any = training.build_model(_params_for("a2c", 64).train, VecMonitor(_venv(rt, 2)), 0)
+    assert a2c.n_steps == 5 and a2c.gae_lambda == 0.95  # SB3's own A2C rollout, the run's GAE lambda
+
+
+@pytest.mark.parametrize(
+    ("algo", "actions", "fix"),
+    [("sac", "discrete", "env.actions: continuous"), ("td3", "candidates", "env.actions: continuous"),
+     ("dqn", "continuous", "env.actions: discrete"), ("qrdqn", "continuous", "env.actions: discrete")],
+)  # fmt: skip
+def test_an_algo_on_the_wrong_action_space_names_the_fix(rt: Runtime, algo: str, actions: str, fix: str) -> None:
+    params = tiny_params(train={**TRAIN, "hparams": "params", "algo": algo}, env={"actions": actions})
+    with pytest.raises(ParamsError, match=fix):
+        training.build_model(params.train, VecMonitor(_venv(rt, 2, params)), 0)
+
+
+def test_a_replay_buffer_too_large_for_memory_is_refused_naming_the_key(rt: Runtime) -> None:
+    params = tiny_params(train={**TRAIN, "hparams": "params", "algo": "sac", "buffer_size": 100_000_000})
+    with pytest.raises(ParamsError, match="train.buffer_size"):
+        training.build_model(params.train, VecMonitor(_venv(rt, 2, params)), 0)
+
+
+@pytest.mark.parametrize("algo", ["sac", "dqn"])
+def test_a_killed_off_policy_run_resumes_with_its_replay_buffer(
+    tmp_path: Path, rt: Runtime, monkeypatch: pytest.MonkeyPatch, algo: str
+) -> None:
+    full = train(_params_for(algo, 256), rt, _paths(tmp_path / "full"))
+    part = _paths(tmp_path / "part")
+    with monkeypatch.context() as m:
+        _kill_after_checkpoint(m, 128)
+        with pytest.raises(KeyboardInterrupt):
+            train(_params_for(algo, 256), rt, part)
+    assert (part.checkpoints / training.REPLAY_FILE).exists()
+    resumed = train(_params_for(algo, 256), rt, part)
+    assert resumed["resumed_from"] == 128
+    assert _without_timing(resumed) == _without_timing(full)
+    assert part.policy.read_bytes() == (tmp_path / "full" / "m" / "policy.zip").read_bytes()
+
+
+def _venv(rt: Runtime, n: int, params: Params | None = None) -> Any:
+    from maprl.nav.runtime import nav_config
     from maprl.nav.vecenv import NavVecEnv
 
-    venv = NavVecEnv(rt.scene, 1, NavConfig.of(max_steps=8, memory="retrieval"), memory=rt.memory)
-    return {k: v[0] for k, v in venv.reset().items()}
+    params = params or tiny_params()
+    return NavVecEnv(rt.scene, n, nav_config(params, rt, max_steps=8, shaping=0.0), memory=rt.memory, seed=0)
 
 
 def _kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, at: int) -> None:

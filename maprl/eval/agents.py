@@ -22,15 +22,25 @@ if TYPE_CHECKING:
     from maprl.nav.vecenv import NavVecEnv
 
 
-def algo_class(algo: str) -> type[BaseAlgorithm]:
-    """The SB3 class of ``train.algo``."""
-    if algo == "recurrent_ppo":
-        from sb3_contrib import RecurrentPPO
+ALGOS = ("ppo", "a2c", "reinforce", "recurrent_ppo", "sac", "td3", "dqn", "qrdqn")
+"""Every ``train.algo``. ``reinforce`` is A2C run as REINFORCE with a learned baseline (Monte Carlo
+returns, see :func:`maprl.learn.training.algo_kwargs`), so it saves and loads as an A2C model."""
 
-        return RecurrentPPO
-    if algo == "ppo":
-        return PPO
-    raise ValueError(f"unknown train.algo {algo!r}")
+
+def algo_class(algo: str) -> type[BaseAlgorithm]:
+    """The SB3 / sb3-contrib class of ``train.algo``."""
+    if algo in ("ppo", "a2c", "reinforce", "sac", "td3", "dqn"):
+        import stable_baselines3 as sb3
+
+        table: dict[str, type[BaseAlgorithm]] = {
+            "ppo": PPO, "a2c": sb3.A2C, "reinforce": sb3.A2C, "sac": sb3.SAC, "td3": sb3.TD3, "dqn": sb3.DQN,
+        }  # fmt: skip
+        return table[algo]
+    if algo in ("recurrent_ppo", "qrdqn"):
+        import sb3_contrib
+
+        return sb3_contrib.RecurrentPPO if algo == "recurrent_ppo" else sb3_contrib.QRDQN
+    raise ValueError(f"unknown train.algo {algo!r}; one of {', '.join(ALGOS)}")
 
 
 def load_policy(path: str | Path, algo: str, env: Any = None) -> BaseAlgorithm:

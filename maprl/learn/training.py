@@ -28,10 +28,12 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import yaml
+from gymnasium import spaces
 from pydantic import TypeAdapter, ValidationError
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EveryNTimesteps
 from stable_baselines3.common.logger import KVWriter, Logger, make_output_format
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecMonitor
 
 from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params, TrainParams, agent_variant
@@ -122,16 +124,79 @@ def resolve_hparams(p: TrainParams, hparams: dict[str, Any] | None) -> dict[str,
     return kw
 
 
+OFF_POLICY = ("sac", "td3", "dqn", "qrdqn")
+CONTINUOUS_ONLY, DISCRETE_ONLY = ("sac", "td3"), ("dqn", "qrdqn")
+LOG_INTERVAL = {"a2c": 25, "sac": 4, "td3": 4, "dqn": 4, "qrdqn": 4}
+"""Rollouts (on-policy; 1 if not listed) or episodes (off-policy) between logged rows: A2C's 5-step
+rollouts are logged about as often as PPO's 128-step ones."""
+REPLAY_BUFFER_LIMIT = 4 * 2**30  # bytes: a larger replay buffer is refused before it is allocated
+
+
+def algo_kwargs(p: TrainParams, kw: dict[str, Any], n_envs: int) -> dict[str, Any]:
+    """The constructor arguments of ``train.algo`` from the run's hyperparameters ``kw``.
+
+    - ``ppo``, ``recurrent_ppo``: every tuned key.
+    - ``a2c``: SB3's A2C (its own ``n_steps`` 5 and RMSprop) with the run's learning rate, discount,
+      GAE lambda and loss weights.
+    - ``reinforce``: REINFORCE with a learned baseline, as A2C with ``gae_lambda`` 1 (Monte Carlo
+      returns), rollouts of ``train.max_steps`` steps per env (an episode cut by the rollout end is
+      bootstrapped by the baseline) and unnormalised advantages, like the simplest image-based
+      policy-gradient agents.
+    - ``sac``, ``td3``, ``dqn``, ``qrdqn``: SB3's defaults with the run's learning rate, discount and
+      ``train.buffer_size``; ``n_steps`` and the other on-policy keys are not used.
+    """
+    shared = {"learning_rate": kw["learning_rate"], "gamma": kw["gamma"]}
+    if p.algo in ("ppo", "recurrent_ppo"):
+        return {**kw, "batch_size": min(kw["batch_size"], kw["n_steps"] * n_envs)}
+    on_policy = {k: kw[k] for k in ("ent_coef", "vf_coef", "max_grad_norm")}
+    if p.algo == "a2c":
+        return {**shared, **on_policy, "gae_lambda": kw["gae_lambda"]}
+    if p.algo == "reinforce":
+        return {**shared, **on_policy, "n_steps": p.max_steps, "gae_lambda": 1.0, "normalize_advantage": False}
+    return {**shared, "buffer_size": p.buffer_size}
+
+
+def check_algo(p: TrainParams, venv: Any) -> None:
+    """A clear :class:`~maprl.errors.ParamsError` when ``train.algo`` cannot run on this env."""
+    space = venv.action_space
+    if p.algo in CONTINUOUS_ONLY and not isinstance(space, spaces.Box):
+        raise ParamsError(
+            f"train.algo {p.algo} needs continuous actions, but this agent's env has {space}: set "
+            "env.actions: continuous, or train this agent with ppo, a2c, reinforce, dqn or qrdqn"
+        )
+    if p.algo in DISCRETE_ONLY and not isinstance(space, spaces.Discrete):
+        raise ParamsError(
+            f"train.algo {p.algo} needs discrete actions, but this agent's env has {space}: set "
+            "env.actions: discrete (or candidates), or train this agent with ppo, a2c, reinforce, sac or td3"
+        )
+    if p.imitate and p.algo != "ppo":
+        raise ParamsError(f"the warm start (train.imitate, on for train@search) clones into PPO, not {p.algo}")
+    if p.algo in OFF_POLICY:
+        obs_space = venv.observation_space.spaces.values()
+        obs_bytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in obs_space)
+        need = 2 * obs_bytes * p.buffer_size  # observations and next observations
+        if need > REPLAY_BUFFER_LIMIT:
+            raise ParamsError(
+                f"train.buffer_size {p.buffer_size}: {p.algo}'s replay buffer would take {need / 2**30:.1f} GiB "
+                f"({obs_bytes} bytes per observation); lower train.buffer_size"
+            )
+
+
 def build_model(p: TrainParams, venv: Any, seed: int, hparams: dict[str, Any] | None = None) -> BaseAlgorithm:
-    """PPO or RecurrentPPO with MapRLNetwork features, hyperparameters from params (or tuned)."""
+    """The ``train.algo`` model with :class:`MapRLNetwork` features and the run's hyperparameters
+    (``train.*`` or tuned; :func:`algo_kwargs`)."""
+    check_algo(p, venv)
     kw = resolve_hparams(p, hparams)
     kw["learning_rate"] = lr_schedule(kw["learning_rate"], p.lr_schedule)
-    kw["batch_size"] = min(kw["batch_size"], kw["n_steps"] * venv.num_envs)
+    kw = algo_kwargs(p, kw, venv.num_envs)
     cls: Any = algo_class(p.algo)
     common = {"seed": seed, "tensorboard_log": _tensorboard_dir(p), "verbose": 0, "device": "cpu"}
     if p.algo == "recurrent_ppo":
         policy_kwargs = {"features_extractor_class": MapRLNetwork, "lstm_hidden_size": 64}
         return cls("MultiInputLstmPolicy", venv, policy_kwargs=policy_kwargs, **common, **kw)
+    if p.algo in OFF_POLICY:
+        policy_kwargs = {"features_extractor_class": MapRLNetwork, "net_arch": [64, 64]}
+        return cls("MultiInputPolicy", venv, policy_kwargs=policy_kwargs, **common, **kw)
     return cls(MapRLPolicy, venv, **common, **kw)
 
 
@@ -224,10 +289,14 @@ class Curriculum(BaseCallback):
         self.wins = self.episodes = 0
 
 
-VOLATILE_MODEL_FIELDS = ("start_time", "ep_info_buffer", "ep_success_buffer", "_num_timesteps_at_start", "lr_schedule")
+VOLATILE_MODEL_FIELDS = (
+    "start_time", "ep_info_buffer", "ep_success_buffer", "_num_timesteps_at_start", "lr_schedule",
+    "exploration_schedule",
+)  # fmt: skip
 """SB3 model fields left out of saved models, so that equal runs save equal bytes: wall-clock times
-(episode infos carry theirs), where this process started, and the schedule SB3 rebuilds on load."""
-CHECKPOINT_FILE, STATE_FILE = "checkpoint.zip", "state.pkl"
+(episode infos carry theirs), where this process started, and the schedules SB3 rebuilds on load
+(the learning rate's; DQN's exploration rate's, a closure)."""
+CHECKPOINT_FILE, STATE_FILE, REPLAY_FILE = "checkpoint.zip", "state.pkl", "replay.pkl"
 
 
 class Checkpoint(BaseCallback):
@@ -273,9 +342,12 @@ def save_checkpoint(
         "last_obs": model._last_obs,  # SB3 does not save it: without it, learn() would reset the env
         "last_episode_starts": model._last_episode_starts,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "action_space_rng": model.action_space.np_random.bit_generator.state,  # off-policy exploration samples it
     }
     with staged_dir(folder) as tmp:
         save_model(model, tmp / CHECKPOINT_FILE)
+        if isinstance(model, OffPolicyAlgorithm):  # SB3 leaves the replay buffer out of the model file
+            model.save_replay_buffer(tmp / REPLAY_FILE)
         with (tmp / STATE_FILE).open("wb") as f:
             pickle.dump(state, f)
 
@@ -297,7 +369,12 @@ def save_model(model: BaseAlgorithm, path: Path, info: dict[str, Any] | None = N
     ignores: what the policy was trained with and on, checked by ``maprl locate``.
     """
     with atomic_path(path) as tmp:  # the temp name keeps the .zip suffix, so SB3 saves to it as is
-        model.save(tmp, exclude=list(VOLATILE_MODEL_FIELDS))
+        space_rng = model.action_space._np_random  # its state travels in checkpoints, not policies
+        model.action_space._np_random = None  # type: ignore[assignment]
+        try:
+            model.save(tmp, exclude=list(VOLATILE_MODEL_FIELDS))
+        finally:
+            model.action_space._np_random = space_rng
         with zipfile.ZipFile(tmp) as src:
             entries = [(info, src.read(info)) for info in src.infolist()]
         with zipfile.ZipFile(tmp, "w") as dst:
@@ -397,9 +474,14 @@ def _resume(
     model = load_policy(paths.checkpoints / CHECKPOINT_FILE, p.algo, env=venv)
     _training_env(model).set_state(state["env"])
     model._last_obs, model._last_episode_starts = state["last_obs"], state["last_episode_starts"]
+    if isinstance(model, OffPolicyAlgorithm):
+        model.load_replay_buffer(paths.checkpoints / REPLAY_FILE)
+        model._last_original_obs = state["last_obs"]
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
+    model.action_space = venv.action_space  # as a fresh run has it (a loaded copy pickles other bytes)
+    model.action_space.np_random.bit_generator.state = state["action_space_rng"]
     print(f"train: resuming from the checkpoint at {model.num_timesteps} timesteps")
     return model, list(state["history"])
 
@@ -469,6 +551,7 @@ def train(
         callback=CallbackList(callbacks),
         reset_num_timesteps=done == 0,
         progress_bar=p.progress_bar,
+        log_interval=LOG_INTERVAL.get(p.algo, 1),
     )
     seconds = time.perf_counter() - t0
     live.end()
