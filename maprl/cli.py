@@ -25,6 +25,7 @@ from maprl.stage import STAGE_HELP, guard
 EPILOG = """\
 examples:
   maprl locate photo.jpg           # where was this photo taken? (after dvc repro; see maprl locate --help)
+  maprl saliency                   # what the agent looks at: saliency PNGs and an episode video
   maprl fetch                      # build data/map/map.tif from params.yaml (default: synthetic world)
   maprl tile                       # sample target crops and the train/test split
   maprl encode / tune / evaluate   # the other stages, one by one
@@ -256,6 +257,83 @@ def _add_locate(sub: Any) -> None:
     p.set_defaults(func=cmd_locate)
 
 
+def cmd_saliency(args: argparse.Namespace) -> Any:
+    from maprl.eval.saliency import SaliencySettings, run_saliency
+
+    return run_saliency(
+        args.params, args.map, args.targets, args.features, args.agent,
+        args.policy or f"models/{args.agent}/policy.zip", args.out, split=args.split, episode=args.episode,
+        target_id=args.target_id, photo=args.photo, gsd=args.gsd, domain=args.domain, steps=args.steps,
+        frames=args.frames, video=args.video, settings=SaliencySettings(args.stride, args.sigma, args.blur),
+    )  # fmt: skip
+
+
+SALIENCY_TEXT = (
+    "Which pixels does the agent look at? Perturbation saliency (Greydanus et al. 2018): fly one evaluation "
+    "episode, then at chosen steps blur a small Gaussian patch at each location of the target photo and of the "
+    "current view, re-embed the view with the map's encoder, rebuild the observation as the env does, and measure "
+    "how much the policy's action distribution changes (actor saliency, blue: 0.5 |pi - pi'|^2 of the action "
+    "probabilities, or of the mean action for continuous moves) and how much its value changes (critic saliency, "
+    "red: 0.5 (V - V')^2). Writes a PNG per step (both views with both overlays), an episode video (GIF; MP4 "
+    "too where imageio's ffmpeg plugin is installed: the map with the path, both views and their saliency, "
+    "frame by frame) and saliency.npz (the coarse maps), and prints a JSON summary. Needs `dvc repro` to have "
+    "run (map, targets, features and the policy)."
+)
+SALIENCY_EPILOG = """examples:
+  maprl saliency                                   # memory agent, test episode 0, 4 steps + a 16-frame video
+  maprl saliency --agent search --episode 3 --steps 0,5,-1
+  maprl saliency --split test_decoy --steps all --no-video --out data/saliency/decoy
+  maprl saliency --photo photo.jpg --frames all    # a photo of your own as the target
+  maprl saliency --stride 8 --sigma 5              # finer maps (4x the time of the default stride 16)
+
+steps are observation indices of the episode: 0 is the start, -1 the last (after the final move).
+time: about 2 * (224 / stride)^2 encoder calls per step (a few seconds at stride 16 on 2 CPU cores).
+exit codes: 0 written, 2 bad input (a missing policy, a step outside the episode, an unreadable photo...).
+"""
+
+
+def _add_saliency(sub: Any) -> None:
+    p = sub.add_parser(
+        "saliency", help="Saliency maps and an episode video of a trained agent (PNG, GIF, MP4)",
+        description=SALIENCY_TEXT, epilog=SALIENCY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--agent", default="memory", choices=AGENTS,
+                   help="which trained agent: its params variant and, by default, models/AGENT/policy.zip "
+                        "(default: memory)")  # fmt: skip
+    p.add_argument("--policy", default=None, help="policy.zip to load instead of models/AGENT/policy.zip")
+    p.add_argument("--split", default="test", choices=("train", "test", "test_decoy"),
+                   help="the evaluate stage's episodes of this split (default: test)")  # fmt: skip
+    p.add_argument("--episode", type=int, default=0, help="episode index within the split (default: 0)")
+    p.add_argument("--target-id", type=int, default=None,
+                   help="fly to this target (id in targets.csv) instead, from the episode's start")  # fmt: skip
+    p.add_argument("--photo", default=None,
+                   help="a photo (JPEG, PNG, GeoTIFF) as the target instead, its place unknown; taken at the "
+                        "map's pixel size unless --gsd")  # fmt: skip
+    p.add_argument("--gsd", type=float, default=None, help="--photo's ground sample distance, metres per pixel")
+    p.add_argument("--domain", default="same",
+                   help="target photos from this query domain (fetch.queries; default: same, the map)")  # fmt: skip
+    p.add_argument("--steps", default="auto",
+                   help="steps to write PNGs of: comma-separated (0,5,-1), 'auto' (4 evenly spaced, first and "
+                        "last included) or 'all' (default: auto)")  # fmt: skip
+    p.add_argument("--frames", default="16", help="video frames: a number, evenly spaced, or 'all' (default: 16)")
+    p.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the episode video (default: yes)")  # fmt: skip
+    p.add_argument("--stride", type=int, default=16, help="pixels between mask centres (default: 16)")
+    p.add_argument("--sigma", type=float, default=8.0, help="Gaussian mask sigma, pixels (default: 8)")
+    p.add_argument("--blur", type=float, default=5.0,
+                   help="sigma of the blur the mask blends in, pixels (default: 5)")  # fmt: skip
+    p.add_argument("--out", default="data/saliency", help="output folder (default: data/saliency)")
+    for flag, key, text in (
+        ("--params", "params", "parameters file"),
+        ("--map", "map", "map GeoTIFF"),
+        ("--features", "features", "encode stage output"),
+    ):
+        p.add_argument(flag, default=LOCATE_INPUTS[key], help=f"{text} (default: {LOCATE_INPUTS[key]})")
+    p.add_argument("--targets", default="data/targets/targets.csv",
+                   help="targets table (default: data/targets/targets.csv)")  # fmt: skip
+    p.set_defaults(func=cmd_saliency)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from maprl import __version__
 
@@ -274,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.set_defaults(func=cmd_check_params)
     _add_locate(sub)
+    _add_saliency(sub)
     _add_tune_worker(sub)
     _add_report(sub)
     text = "Print the README's params table (markdown), generated from the validated models."

@@ -539,6 +539,12 @@ class EvaluateParams(_Section):
         [2, 5, 10, 15, 20], description="Texture (mean grey gradient) bin edges for results by texture."
     )
     gif_steps: int = Field(60, ge=1)
+    saliency_steps: int = Field(
+        8, ge=0, le=200, description="Frames of data/eval/saliency.gif (memory agent, first test episode); 0: none."
+    )
+    saliency_stride: int = Field(
+        28, ge=1, description="Pixels between the blurred patches of that video's saliency (coarse: cheap)."
+    )
     decoy_rate: float = Field(
         1.0,
         ge=0,

@@ -1,8 +1,9 @@
 """The ``evaluate`` stage: every trained agent and every baseline on the same fixed episodes.
 
 Writes ``episodes.csv``, ``methods.csv``, ``success_by_distance.csv``,
-``success_by_texture.csv``, ``trajectories.png``, ``episode.gif`` and the metrics JSON (see
-:mod:`maprl.eval.metrics` for the columns).
+``success_by_texture.csv``, ``trajectories.png``, ``episode.gif``, ``saliency.gif`` and
+``saliency.png`` (perturbation saliency of one episode, :mod:`maprl.eval.saliency`) and the metrics
+JSON (see :mod:`maprl.eval.metrics` for the columns).
 
 Splits: ``train`` and ``test`` (photos cut from the map itself), ``test_decoy`` (the decoy
 stress test) and, for each query domain ``d`` (``fetch.queries``), ``test_<d>``: the test
@@ -108,6 +109,21 @@ def _write_gif(df: pd.DataFrame, paths: Mapping[str, list[np.ndarray]], scene: S
     target = (float(d.at[i, "target_x"]), float(d.at[i, "target_y"]))
     with atomic_path(out) as tmp:
         save_gif(episode_frames(scene.map.rgb, paths[method][i], target, scene.view_size, frames), str(tmp))
+
+
+def _write_saliency(
+    out: Path, params: Params, rt: Runtime, policies: Mapping[str, str | Path], df: pd.DataFrame
+) -> None:
+    """``saliency.gif`` and ``saliency.png``: the memory agent (else the first) on the episode of ``episode.gif``."""
+    from maprl.eval.saliency import episode_from_row, evaluate_video
+
+    agent = "memory" if "memory" in policies else next(iter(policies), None)
+    if agent is None or params.evaluate.saliency_steps == 0:
+        return
+    d = df[df["method"] == AGENT_ROWS[agent]].reset_index(drop=True)
+    i = _show_indices(d, 1)[0]
+    label = f"{d.at[i, 'split']} episode {d.at[i, 'episode']}"
+    evaluate_video(out, params, rt, agent, policies[agent], episode_from_row(d.iloc[i], label))
 
 
 def write_outputs(
@@ -279,6 +295,7 @@ def run_evaluate(
     locate: dict[str, Any] = {}
 
     def extra(out: Path) -> None:
+        _write_saliency(out, params, rt, policies, df)
         if locate_metrics_path is not None:
             calibrators, answers = calibrate_methods(params, rt, policies.get("memory"))
             locate.update(write_calibration(out, params, rt, calibrators, answers))
