@@ -24,6 +24,8 @@ TINY: dict[str, dict[str, Any]] = {
     "evaluate": {"episodes": 4, "max_steps": 10, "gif_steps": 5},
     "robustness": {"kinds": ["brightness", "rotation"], "strengths": [0.5, 1.0], "episodes": 4,
                    "action_scales": [0.5], "action_noise": [0.1]},
+    "grid": {"settings": [{"name": "tiny", "size": 4, "patch": 16, "budget": 6, "c_min": 2, "c_max": 4}],
+             "seeds": 1, "timesteps": 256, "n_envs": 4, "n_steps": 32, "batch_size": 64, "bootstrap_reps": 200},
 }  # fmt: skip
 
 

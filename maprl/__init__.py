@@ -15,9 +15,12 @@ from gymnasium.envs.registration import register, registry
 __version__ = "0.1.0"
 
 ENV_ID = "maprl/SatelliteNav-v0"
+GRID_ENV_ID = "maprl/GridNav-v0"  # the published grid protocol (maprl.nav.grid); it truncates at its own budget
 
 if ENV_ID not in registry:
     register(id=ENV_ID, entry_point="maprl.nav.env:SatelliteNavEnv", max_episode_steps=1000)
+if GRID_ENV_ID not in registry:
+    register(id=GRID_ENV_ID, entry_point="maprl.nav.grid:GridNavEnv")
 
 
 def _pin_cpu_code_paths() -> None:

@@ -27,6 +27,7 @@ STAGE_HELP = {
     "train": "Train one agent on the batched feature env (--agent memory, randomized, nomemory or original).",
     "evaluate": "Evaluate the agents and the baselines on fixed episodes; write metrics, tables, plots and a GIF.",
     "robustness": "The agents and no-learning methods under perturbed photos, query domains and perturbed dynamics.",
+    "grid": "The published grid protocol (5x5 patches, 4 moves): PPO over seeds against exact no-learning baselines.",
 }
 
 

@@ -6,7 +6,7 @@ Each table sits between ``<!-- results:NAME:start -->`` and ``<!-- results:NAME:
     python scripts/readme_results.py --check   # exit 1 if README.md differs from metrics/*.json
 
 Tables: ``eval`` (metrics/eval.json), ``robustness-same``, ``robustness-<domain>`` and
-``dynamics`` (metrics/robustness.json), ``locate`` (metrics/locate.json).
+``dynamics`` (metrics/robustness.json), ``locate`` (metrics/locate.json), ``grid`` (metrics/grid.json).
 """
 
 from __future__ import annotations
@@ -102,6 +102,44 @@ def locate_kinds_table(loc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+GRID_ROWS = [
+    ("random_walk", "random walk", "expected on the test episodes"),
+    ("self_avoiding_walk", "self-avoiding random walk", "expected on the test episodes"),
+    ("blind_route", "best image-blind route", "on the test episodes"),
+]
+
+
+def grid_table(g: dict[str, Any]) -> str:
+    """Per setting of metrics/grid.json: success per distance C and the average, every method."""
+    parts = []
+    for name in g["settings_order"]:
+        s = g["settings"][name]
+        cs = [str(c) for c in range(s["c_min"], s["c_max"] + 1)]
+        a, im = s["agent"], s["images"]
+        parts.append(
+            f"**{name}**: {s['size']}x{s['size']} patches of {s['patch']} px, budget {s['budget']}, "
+            f"C = {s['c_min']}..{s['c_max']}; {im['train']} train / {im['test']} test images, "
+            f"{s['test_episodes']} test episodes. The closer of two neighbours is the more similar to the goal "
+            f"in {s['directional_signal_test']:.2f} of cases (0.5: the patches do not point the way)."
+        )
+        lines = ["| method | " + " | ".join(f"C={c}" for c in cs) + " | average |", "|" + "---|" * (len(cs) + 2)]
+        cells = [f"{a['success'][k]:.3f} [{a['ci95'][k][0]:.2f}, {a['ci95'][k][1]:.2f}]" for k in [*cs, "average"]]
+        label = f"**agent** (PPO, {a['seeds']} seeds x {a['timesteps']:,} steps; mean [95 % CI])"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for key, text, on_test in GRID_ROWS:
+            b = s[key]
+            exact = "Monte Carlo" not in b["method"] and "lower bound" not in b["method"]
+            for part, where in (("test", on_test), ("all_pairs", "expected over all pairs")):
+                tag = "" if exact else " (estimate)"
+                row = [f"{b[part][k]:.3f}" for k in [*cs, "average"]]
+                lines.append(f"| {text}, {where}{tag} | " + " | ".join(row) + " |")
+        if (s["size"], s["budget"], s["c_min"], s["c_max"]) == (5, 10, 4, 8):
+            for who, v in g["published"]["average_success"].items():
+                lines.append(f"| *{who}; Massachusetts Buildings, not our maps* | " + "- | " * len(cs) + f"*{v}* |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def tables(root: Path) -> dict[str, str]:
     read = lambda name: json.loads((root / "metrics" / name).read_text())  # noqa: E731
     out = {"eval": eval_table(read("eval.json"))}
@@ -113,6 +151,8 @@ def tables(root: Path) -> dict[str, str]:
         loc = read("locate.json")
         out["locate"] = locate_table(loc)
         out["locate-kinds"] = locate_kinds_table(loc)
+    if (root / "metrics" / "grid.json").exists():
+        out["grid"] = grid_table(read("grid.json"))
     return out
 
 
