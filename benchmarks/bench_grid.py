@@ -37,7 +37,8 @@ def table(name: str, r: dict[str, Any], seconds: float, hide: bool) -> str:
     )
     lines = [head, "", "| method | " + " | ".join(f"C={c}" for c in cs) + " | average |", "|" + "---|" * (len(cs) + 2)]
     cell = lambda k: f"{a['success'][k]:.3f} [{a['ci95'][k][0]:.2f}, {a['ci95'][k][1]:.2f}]"  # noqa: E731
-    label = f"agent ({a['seeds']} seeds x {a['timesteps']} steps)"
+    warm = f", after cloning the blind route for {a['imitate']} steps" if a.get("warm_start", "none") != "none" else ""
+    label = f"agent ({a['seeds']} seeds x {a['timesteps']} steps{warm})"
     lines.append(f"| {label} | " + " | ".join(cell(k) for k in [*cs, "average"]) + " |")
     per_seed = ", ".join(f"{s['average']:.3f}" for s in a["per_seed"])
     for b in BASELINES:
@@ -57,9 +58,13 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=None, help="PPO timesteps per seed (default: grid.timesteps)")
     ap.add_argument("--settings", default=None, help="comma-separated setting names (default: all)")
     ap.add_argument("--hide-images", action="store_true", help="the agent sees zero vectors instead of patches")
+    ap.add_argument("--warm-start", choices=["none", "blind_route"], default=None, help="grid.warm_start override")
+    ap.add_argument("--imitate", type=int, default=None, help="grid.imitate override (cloned agent-steps)")
     args = ap.parse_args()
     params = load_params(args.params, stage="grid")
-    update = {k: v for k, v in (("seeds", args.seeds), ("timesteps", args.timesteps)) if v is not None}
+    given = (("seeds", args.seeds), ("timesteps", args.timesteps), ("warm_start", args.warm_start),
+             ("imitate", args.imitate))  # fmt: skip
+    update = {k: v for k, v in given if v is not None}
     params = params.model_copy(update={"grid": params.grid.model_copy(update=update)})
     names = args.settings.split(",") if args.settings else [s.name for s in params.grid.settings]
     t0 = time.perf_counter()

@@ -620,6 +620,14 @@ class GridParams(_Section):
     test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of the grid images held out for test.")
     seeds: int = Field(3, ge=1, le=64, description="Training seeds of the agent (base.seed + 0..seeds-1).")
     timesteps: int = Field(40_000, ge=64, le=100_000_000, description="PPO timesteps per seed and setting.")
+    warm_start: Literal["none", "blind_route"] = Field(
+        "blind_route",
+        description="blind_route: clone the best image-blind route before PPO (the agent starts from that baseline).",
+    )
+    imitate: int = Field(
+        20_000, ge=0, le=100_000_000, description="warm_start: agent-steps of the blind route's rollouts cloned."
+    )
+    imitate_epochs: int = Field(20, ge=1, le=1000, description="warm_start: passes over the cloned steps.")
     n_envs: int = Field(16, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=1)
     n_steps: int = Field(64, ge=8, le=1_000_000)

@@ -37,7 +37,7 @@ from maprl.features.cache import load_space
 from maprl.features.nets import configure_torch
 from maprl.features.spaces import FeatureSpace
 from maprl.io import staged_dir, write_csv, write_metrics
-from maprl.nav.grid import GridNavEnv, GridNavVecEnv
+from maprl.nav.grid import GridCore, GridNavEnv, GridNavVecEnv
 
 PUBLISHED = {
     "dataset": "Massachusetts Buildings (not this project's map: context only, not comparable)",
@@ -107,19 +107,62 @@ def env_kwargs(s: GridSetting, p: GridParams) -> dict[str, Any]:
             "shaping": p.shaping, "gamma": p.gamma}  # fmt: skip
 
 
+def route_actions(routes: list[np.ndarray], core: GridCore) -> np.ndarray:
+    """(agents,) the move each agent's blind route (:func:`~maprl.eval.grid.best_blind_routes`, from its
+    start cell) makes next; an agent at the end of a shorter route moves up (or the first in-grid move)."""
+    out = np.zeros(core.n_agents, np.int64)
+    for i in range(core.n_agents):
+        route, t = routes[int(core.start[i])], int(core.steps[i])
+        moves = core.nb[core.pos[i]]
+        nxt = int(route[t + 1]) if t + 1 < len(route) else int(moves[moves >= 0][0])
+        out[i] = int(np.flatnonzero(moves == nxt)[0])
+    return out
+
+
+def clone_blind_route(
+    model: Any, venv: GridNavVecEnv, routes: list[np.ndarray], steps: int, seed: int, epochs: int = 20
+) -> float:
+    """Fit ``model.policy`` to the blind route's moves on ``steps`` agent-steps of its own rollouts in
+    ``venv`` (behaviour cloning, :func:`~maprl.learn.imitation.fit_actions`); returns the share of the
+    route's moves the cloned policy takes (deterministically) on those states."""
+    import torch
+
+    from maprl.learn.imitation import fit_actions
+
+    obs: Any = venv.reset()
+    batches: list[dict[str, np.ndarray]] = []
+    actions: list[np.ndarray] = []
+    for _ in range(max(1, steps // venv.num_envs)):
+        act = route_actions(routes, venv.core)
+        batches.append({k: v.copy() for k, v in obs.items()})
+        actions.append(act)
+        obs, _, _, _ = venv.step(act)
+    obs_t = {k: torch.as_tensor(np.concatenate([b[k] for b in batches])) for k in batches[0]}
+    target = torch.as_tensor(np.concatenate(actions))
+    fit_actions(model.policy, obs_t, target, epochs, 256, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        taken = model.policy.get_distribution(obs_t).distribution.probs.argmax(1)
+    venv.reset()
+    return float((taken == target).float().mean())
+
+
 def train_agent(embeddings: np.ndarray, s: GridSetting, p: GridParams, seed: int, timesteps: int | None = None) -> Any:
-    """PPO with :class:`~maprl.learn.policies.MapRLPolicy` on ``p.n_envs`` grid agents over ``embeddings``."""
+    """PPO with :class:`~maprl.learn.policies.MapRLPolicy` on ``p.n_envs`` grid agents over ``embeddings``;
+    with ``grid.warm_start: blind_route`` the policy first clones the best image-blind route."""
     from stable_baselines3 import PPO
 
     from maprl.learn.policies import MapRLPolicy
 
     configure_torch(p.torch_threads)
-    venv = GridNavVecEnv(embeddings, p.n_envs, **env_kwargs(s, p))
+    venv = GridNavVecEnv(embeddings, p.n_envs, seed=seed, **env_kwargs(s, p))
     model = PPO(
         MapRLPolicy, venv, learning_rate=p.learning_rate, n_steps=p.n_steps,
         batch_size=min(p.batch_size, p.n_steps * p.n_envs), n_epochs=p.n_epochs, gamma=p.gamma,
         gae_lambda=p.gae_lambda, ent_coef=p.ent_coef, seed=seed, device="cpu", verbose=0,
     )  # fmt: skip
+    if p.warm_start == "blind_route" and p.imitate:
+        routes = baselines.best_blind_routes(s.size, s.budget, s.c_min, s.c_max, p.blind_max_nodes).routes
+        clone_blind_route(model, venv, routes, p.imitate, seed, p.imitate_epochs)
     model.learn(total_timesteps=timesteps or p.timesteps)
     return model
 
@@ -276,7 +319,13 @@ def run_setting(
         "images": {"train": len(train_ids), "test": len(test_ids), "side_px": s.size * s.patch},
         "test_episodes": len(episodes),
         "directional_signal_test": round(signal, 4),
-        "agent": {"seeds": p.seeds, "timesteps": p.timesteps, **agent_results(success, c, s, p.bootstrap_reps, seed)},
+        "agent": {
+            "seeds": p.seeds,
+            "timesteps": p.timesteps,
+            "warm_start": p.warm_start,
+            "imitate": p.imitate if p.warm_start != "none" else 0,
+            **agent_results(success, c, s, p.bootstrap_reps, seed),
+        },
         **base,
     }
     return SettingRun(metrics, table, time.perf_counter() - t0)

@@ -55,7 +55,9 @@ def _rollout(
     return observations, actions
 
 
-def _fit(policy: Any, obs_t: dict[str, torch.Tensor], target: torch.Tensor, epochs: int, batch: int, gen: Any) -> None:
+def fit_actions(
+    policy: Any, obs_t: dict[str, torch.Tensor], target: torch.Tensor, epochs: int, batch: int, gen: Any
+) -> None:
     """Maximise the likelihood of ``target`` actions under ``policy`` (cross-entropy), minibatch SGD."""
     policy.set_training_mode(True)
     for _ in range(epochs):
@@ -100,7 +102,7 @@ def clone_expert(
         data = {key: np.concatenate([o[key] for o in observations]) for key in observations[0]}
         target = torch.as_tensor(np.concatenate(actions))
         obs_t, _ = policy.obs_to_tensor(data)
-        _fit(policy, obs_t, target, epochs, batch, gen)
+        fit_actions(policy, obs_t, target, epochs, batch, gen)
     with torch.no_grad():
         taken = policy.get_distribution(obs_t).mode()
     return float((taken == target).float().mean())
