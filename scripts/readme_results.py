@@ -124,7 +124,8 @@ def grid_table(g: dict[str, Any]) -> str:
         )
         lines = ["| method | " + " | ".join(f"C={c}" for c in cs) + " | average |", "|" + "---|" * (len(cs) + 2)]
         cells = [f"{a['success'][k]:.3f} [{a['ci95'][k][0]:.2f}, {a['ci95'][k][1]:.2f}]" for k in [*cs, "average"]]
-        label = f"**agent** (PPO, {a['seeds']} seeds x {a['timesteps']:,} steps; mean [95 % CI])"
+        warm = " after cloning the blind route" if a.get("warm_start", "none") != "none" else ""
+        label = f"**agent** (PPO{warm}, {a['seeds']} seeds x {a['timesteps']:,} steps; mean [95 % CI])"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for key, text, on_test in GRID_ROWS:
             b = s[key]
