@@ -376,18 +376,7 @@ class GridNavVecEnv(_OneObjectVecEnv):
         self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        reward, terminated, truncated = self.core.step(self._actions, self._rngs)
-        done = terminated | truncated
-        finished = np.flatnonzero(done)
-        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        if len(finished):
-            terminal = self.core.observe(finished)
-            for j, i in enumerate(finished):
-                infos[i] = self.core.info(int(i))
-                infos[i]["terminal_observation"] = {k: v[j] for k, v in terminal.items()}
-                infos[i]["TimeLimit.truncated"] = bool(truncated[i])
-            self._reset_idx(finished)
-        return self.core.observe(), reward.astype(np.float32), done, infos
+        return self._step_result(self.core, *self.core.step(self._actions, self._rngs))
 
 
 GRID_DEFAULTS: dict[str, Any] = {

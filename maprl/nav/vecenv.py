@@ -22,7 +22,8 @@ from maprl.nav.scene import Scene
 
 
 class _OneObjectVecEnv(VecEnv):
-    """What :class:`NavVecEnv` and :class:`MultiWorldVecEnv` share: one object steps every agent."""
+    """What :class:`NavVecEnv`, :class:`MultiWorldVecEnv` and :class:`~maprl.nav.grid.GridNavVecEnv`
+    share: one object steps every agent."""
 
     def close(self) -> None:
         return None
@@ -52,6 +53,27 @@ class _OneObjectVecEnv(VecEnv):
 
     def get_images(self) -> Sequence[np.ndarray | None]:
         return [None] * self.num_envs
+
+    def _reset_idx(self, idx: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _step_result(
+        self, core: Any, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray
+    ) -> VecEnvStepReturn:
+        """SB3's step return after ``core`` (``observe(idx)``, ``info(i)``) moved every agent: where an
+        episode ended, its info, terminal observation and ``TimeLimit.truncated``, and the agent reset
+        (``_reset_idx``); as ``DummyVecEnv`` auto-resets."""
+        done = terminated | truncated
+        finished = np.flatnonzero(done)
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        if len(finished):  # info dicts and terminal observations only where an episode ended
+            terminal = core.observe(finished)
+            for j, i in enumerate(finished):
+                infos[i] = core.info(int(i))
+                infos[i]["terminal_observation"] = {k: v[j] for k, v in terminal.items()}
+                infos[i]["TimeLimit.truncated"] = bool(truncated[i])
+            self._reset_idx(finished)
+        return core.observe(), reward.astype(np.float32), done, infos
 
 
 class NavVecEnv(_OneObjectVecEnv):
@@ -151,18 +173,7 @@ class NavVecEnv(_OneObjectVecEnv):
         self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        reward, terminated, truncated = self.core.step(self._actions)
-        done = terminated | truncated
-        finished = np.flatnonzero(done)
-        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        if len(finished):  # info dicts and terminal observations only where an episode ended
-            terminal = self.core.observe(finished)
-            for j, i in enumerate(finished):
-                infos[i] = self.core.info(int(i))
-                infos[i]["terminal_observation"] = {k: v[j] for k, v in terminal.items()}
-                infos[i]["TimeLimit.truncated"] = bool(truncated[i])
-            self._reset_idx(finished)
-        return self.core.observe(), reward.astype(np.float32), done, infos
+        return self._step_result(self.core, *self.core.step(self._actions))
 
 
 class MultiWorldVecEnv(_OneObjectVecEnv):
