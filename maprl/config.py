@@ -571,6 +571,7 @@ class RobustnessParams(_Section):
     action_scales: list[float] = Field([0.5, 0.75, 1.25, 1.5], description="Dynamics sweep: action scale factors.")
     action_noise: list[float] = Field([0.1, 0.3, 0.5], description="Dynamics sweep: Gaussian action noise sigmas.")
     oracle: bool = Field(True, description="Include the template-matching oracle (the slowest method).")
+    workers: int = Field(2, ge=1, le=64, description="Processes the cells run in (the results do not depend on it).")
 
     @model_validator(mode="after")
     def _check(self) -> RobustnessParams:
@@ -647,6 +648,7 @@ class GridParams(_Section):
     )
     bootstrap_reps: int = Field(2000, ge=100, le=1_000_000, description="Bootstrap resamples of the agent's intervals.")
     torch_threads: int = Field(1, ge=1, le=256)
+    workers: int = Field(2, ge=1, le=64, description="Processes the seeds train in (the results do not depend on it).")
 
     @model_validator(mode="after")
     def _check(self) -> GridParams:

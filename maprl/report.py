@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from maprl.errors import InputError
+from maprl.eval.metrics import interval_estimates
 
 METRICS = ("success_rate", "spl")
 SETTINGS = ("episodes_per_split", "max_steps", "success_radius", "decoy_rate")  # must agree across runs
@@ -58,19 +59,11 @@ def runs_table(runs: Sequence[tuple[str, dict[str, Any]]], split: str) -> pd.Dat
 
 def aggregate(table: pd.DataFrame, metric: str, reps: int = 50_000, seed: int = 0) -> pd.DataFrame:
     """Per method: n_seeds, IQM and its 95 % stratified-bootstrap interval (rliable), mean, values."""
-    from rliable import library as rly
     from rliable import metrics as rm
 
     methods = list(dict.fromkeys(table["method"]))
     scores = {m: table.loc[table["method"] == m].sort_values("seed")[metric].to_numpy(float)[:, None] for m in methods}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # arch: random_state -> generator, inside rliable
-        point, interval = rly.get_interval_estimates(
-            scores,
-            lambda x: np.array([rm.aggregate_iqm(x)]),
-            reps=reps,
-            random_state=np.random.RandomState(seed),
-        )
+    point, interval = interval_estimates(scores, lambda x: np.array([rm.aggregate_iqm(x)]), reps, seed)
     out = []
     for m in methods:
         out.append(

@@ -409,7 +409,7 @@ def test_bad_grid_params_name_the_key(raw: dict, key: str) -> None:
     assert key in str(err.value)
 
 
-def test_grid_stage_on_a_tiny_map_is_byte_identical_when_rerun(tmp_path: Path) -> None:
+def test_grid_stage_on_a_tiny_map_is_byte_identical_when_rerun_on_more_workers(tmp_path: Path) -> None:
     from maprl.config import EncoderParams
     from maprl.data.geo import write_map
     from maprl.features.cache import make_space
@@ -429,8 +429,9 @@ def test_grid_stage_on_a_tiny_map_is_byte_identical_when_rerun(tmp_path: Path) -
         }
     )  # fmt: skip
     outs = []
-    for run in ("a", "b"):
-        run_grid(params, tmp_path / "map.tif", tmp_path, tmp_path / run, tmp_path / f"{run}.json")
+    for run, workers in (("a", 1), ("b", 2)):  # the seeds here, then in two processes
+        run_params = params.model_copy(update={"grid": params.grid.model_copy(update={"workers": workers})})
+        run_grid(run_params, tmp_path / "map.tif", tmp_path, tmp_path / run, tmp_path / f"{run}.json")
         outs.append((tmp_path / f"{run}.json").read_bytes())
     assert outs[0] == outs[1]
     metrics = json.loads(outs[0])["settings"]["small"]

@@ -88,6 +88,12 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     assert _lock_outs(repo) == lock
     assert (repo / "metrics" / "timing" / "train-memory.json").exists()
 
+    # robustness cells and grid seeds ran in 2 processes; in one, every byte is the same
+    exp = _run(["dvc", "exp", "run", "-S", "robustness.workers=1", "-S", "grid.workers=1"], repo)
+    assert "Running stage 'robustness'" in exp and "Running stage 'train" not in exp
+    for name in ("robustness.json", "grid.json"):
+        assert (repo / "metrics" / name).read_bytes() == metrics[name]
+
     exp = _run(["dvc", "exp", "run", "-S", "evaluate.episodes=6"], repo)
     assert "Running stage 'evaluate'" in exp and "Running stage 'fetch'" not in exp
     assert "Running stage 'train" not in exp

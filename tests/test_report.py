@@ -30,6 +30,21 @@ def test_iqm_and_interval_over_seeds() -> None:
     assert base["ci_low"] == base["ci_high"] == pytest.approx(0.4)  # no spread, no interval
 
 
+def test_intervals_do_not_depend_on_numpys_global_generator() -> None:
+    """rliable resamples with np.random.choice whatever random_state it is given; the seed must decide."""
+    runs = [(f"s{s}", _eval(s, v, 0.4)) for s, v in enumerate([0.1, 0.5, 0.6, 0.7, 1.0])]
+    tables = []
+    for global_seed in (1, 2):
+        np.random.seed(global_seed)
+        tables.append(aggregate(runs_table(runs, "test"), "success_rate", reps=500, seed=3))
+    assert tables[0].equals(tables[1])
+    before = np.random.get_state()[1].copy()
+    aggregate(runs_table(runs, "test"), "success_rate", reps=500, seed=4)
+    assert np.array_equal(np.random.get_state()[1], before)  # the caller's generator is left as it was
+    other = aggregate(runs_table(runs, "test"), "success_rate", reps=500, seed=4)
+    assert not tables[0].equals(other)  # and the seed does decide
+
+
 def test_runs_must_share_their_evaluation_settings() -> None:
     other = _eval(2, 0.5, 0.5) | {"max_steps": 50}
     with pytest.raises(InputError, match="max_steps"):

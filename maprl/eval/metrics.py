@@ -16,7 +16,8 @@ Per episode (one row of ``episodes.csv``):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,33 @@ def spl(success: np.ndarray, shortest: np.ndarray, path: np.ndarray) -> np.ndarr
     denom = np.maximum(p, lo)
     ratio = np.divide(lo, denom, out=np.ones_like(lo), where=denom > 0)
     return s * ratio
+
+
+def interval_estimates(
+    scores: dict[str, np.ndarray],
+    statistic: Callable[[np.ndarray], np.ndarray],
+    reps: int,
+    seed: int,
+    task_bootstrap: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """rliable's point estimates and 95 % stratified-bootstrap intervals (Agarwal et al. 2021), seeded by ``seed``.
+
+    rliable's ``StratifiedBootstrap`` draws its resamples from numpy's global generator
+    (``np.random.choice``), not from the ``random_state`` it is given, so its intervals would
+    depend on whatever ran before. The global generator is therefore seeded here and restored after.
+    """
+    from rliable import library as rly
+
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # arch: random_state -> generator, inside rliable
+            return rly.get_interval_estimates(
+                scores, statistic, reps=reps, task_bootstrap=task_bootstrap, random_state=np.random.RandomState(seed)
+            )
+    finally:
+        np.random.set_state(saved)
 
 
 def bin_labels(edges: Sequence[float]) -> list[str]:

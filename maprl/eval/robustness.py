@@ -30,16 +30,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from maprl.config import Params
 from maprl.errors import InputError
 from maprl.eval.episodes import evaluate_methods, make_episodes
 from maprl.eval.evaluate import load_agents, method_factories
+from maprl.features.nets import configure_torch
 from maprl.features.photos import embed_photos, perturbed_photos
 from maprl.io import atomic_path, staged_dir, write_csv, write_json
 from maprl.nav.runtime import Runtime, load_runtime
 from maprl.nav.scene import Scene
+from maprl.parallel import ordered_map
 
 METHODS = ("agent", "agent_randomized", "retrieve_then_fly", "retrieve_then_search", "template_oracle")
 """The methods of the robustness matrix (those of them that exist in a run)."""
@@ -95,40 +96,98 @@ def _summary(df: pd.DataFrame, **labels: Any) -> list[dict[str, Any]]:
     ]
 
 
-def perturbation_matrix(
-    params: Params, rt: Runtime, models: Mapping[str, Any], episodes: pd.DataFrame
-) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """Tidy rows (domain, kind, strength, method, success_rate, spl, heading_error_median) and example photos."""
-    p, seed = params.robustness, params.base.seed
+@dataclasses.dataclass(frozen=True)
+class CellState:
+    """What every cell reads: the params, the runtime, the loaded agents and the fixed episodes."""
+
+    params: Params
+    rt: Runtime
+    models: Mapping[str, Any]
+    episodes: pd.DataFrame
+
+
+def load_cell_state(
+    params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path,
+    policies: Mapping[str, str | Path], threads: int | None = None,
+) -> CellState:  # fmt: skip
+    """Load the stage's inputs (once per worker process; ``threads``: torch threads in a worker)."""
+    rt = load_runtime(params, map_path, targets_path, features_dir)
+    if threads is not None:
+        configure_torch(threads)
+    episodes = robustness_episodes(rt, params.robustness.episodes, params.base.seed)
+    return CellState(params, rt, load_agents(params, policies), episodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix: ``domain``'s photos under ``kind`` at ``strength`` (``none``: as they are)."""
+
+    domain: str
+    kind: str
+    strength: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Dynamics:
+    """One point of the dynamics sweep on the map's own photos: ``action_scale`` or ``action_noise``."""
+
+    sweep: str
+    value: float
+
+
+def run_job(state: CellState, job: Cell | Dynamics) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    """One job's summary rows; for a perturbed cell also the perturbed photo of the first episode."""
+    params, rt, episodes = state.params, state.rt, state.episodes
+    if isinstance(job, Dynamics):
+        df = run_methods(params, rt, rt.scene, state.models, episodes, {job.sweep: job.value})
+        return _summary(df, sweep=job.sweep, value=job.value), None
     rows = np.unique(episodes["target_row"].to_numpy(np.int64))
-    out: list[dict[str, Any]] = []
-    examples: dict[str, dict[str, np.ndarray]] = {}
-    cells = [(d, k, s) for d in rt.domains for k in p.kinds for s in p.strengths]
-    for domain in rt.domains:
-        df = run_methods(params, rt, rt.domain_scene(domain), models, episodes)
-        kept = rt.photos[domain].heading_deg[rows]  # the true heading of an unperturbed photo is 0
+    labels = {"domain": job.domain, "kind": job.kind, "strength": job.strength}
+    if job.kind == "none":
+        df = run_methods(params, rt, rt.domain_scene(job.domain), state.models, episodes)
+        kept = rt.photos[job.domain].heading_deg[rows]  # the true heading of an unperturbed photo is 0
         kept_error = float(np.median(np.abs((kept + 180.0) % 360.0 - 180.0)))
-        out += _summary(df, domain=domain, kind="none", strength=0.0, heading_error_median=kept_error)
-    for domain, kind, strength in tqdm(cells, desc="robustness", unit="cell", leave=False):
-        scene, err = perturbed_scene(rt, domain, rows, kind, strength, cell_rng(seed, domain, kind, strength))
-        df = run_methods(params, rt, scene, models, episodes)
-        out += _summary(df, domain=domain, kind=kind, strength=strength, heading_error_median=float(np.median(err)))
-        if strength == max(p.strengths):
-            examples.setdefault(domain, {})[kind] = scene.target_photo(int(rows[0]))
-    return pd.DataFrame(out), examples
+        return _summary(df, **labels, heading_error_median=kept_error), None
+    rng = cell_rng(params.base.seed, job.domain, job.kind, job.strength)
+    scene, err = perturbed_scene(rt, job.domain, rows, job.kind, job.strength, rng)
+    df = run_methods(params, rt, scene, state.models, episodes)
+    return _summary(df, **labels, heading_error_median=float(np.median(err))), scene.target_photo(int(rows[0]))
 
 
-def dynamics_sweep(params: Params, rt: Runtime, models: Mapping[str, Any], episodes: pd.DataFrame) -> pd.DataFrame:
-    """Success under perturbed dynamics (the map's own photos): action scale, then action noise."""
-    p = params.robustness
-    out: list[dict[str, Any]] = []
-    for scale in [1.0, *p.action_scales]:
-        df = run_methods(params, rt, rt.scene, models, episodes, {"action_scale": scale})
-        out += _summary(df, sweep="action_scale", value=scale)
-    for noise in p.action_noise:
-        df = run_methods(params, rt, rt.scene, models, episodes, {"action_noise": noise})
-        out += _summary(df, sweep="action_noise", value=noise)
-    return pd.DataFrame(out)
+def robustness_tables(
+    state: CellState, load_args: tuple[Any, ...] = ()
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """The perturbation matrix (domain, kind, strength, method, success_rate, spl, heading_error_median),
+    the dynamics sweep (sweep, value, method, ...: action scale 1 and ``robustness.action_scales``,
+    then ``robustness.action_noise``) and, per domain and kind, the photo at the largest strength.
+
+    The jobs run in ``robustness.workers`` processes, each loading its own state by
+    :func:`load_cell_state` ``(*load_args, threads=1)``; every cell draws its perturbations from
+    :func:`cell_rng`, so the tables do not depend on the number of workers."""
+    p, domains = state.params.robustness, state.rt.domains
+    cells = [Cell(d, "none", 0.0) for d in domains]
+    cells += [Cell(d, k, s) for d in domains for k in p.kinds for s in p.strengths]
+    sweep = [Dynamics("action_scale", v) for v in [1.0, *p.action_scales]]
+    sweep += [Dynamics("action_noise", v) for v in p.action_noise]
+    jobs: list[Cell | Dynamics] = [*cells, *sweep]
+    results = ordered_map(
+        run_job, jobs, p.workers, local=state, setup=_worker_state, setup_args=load_args,
+        desc="robustness", unit="cell",
+    )  # fmt: skip
+    examples: dict[str, dict[str, np.ndarray]] = {}
+    for cell, (_, photo) in zip(cells, results, strict=False):
+        if photo is not None and cell.strength == max(p.strengths):
+            examples.setdefault(cell.domain, {})[cell.kind] = photo
+    table = pd.DataFrame([row for rows, _ in results[: len(cells)] for row in rows])
+    dyn = pd.DataFrame([row for rows, _ in results[len(cells) :] for row in rows])
+    return table, dyn, examples
+
+
+def _worker_state(
+    params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path,
+    policies: Mapping[str, str | Path],
+) -> CellState:  # fmt: skip
+    return load_cell_state(params, map_path, targets_path, features_dir, policies, threads=1)
 
 
 def break_strengths(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -189,11 +248,10 @@ def run_robustness(
     unknown = sorted(set(policies) - {"memory", "randomized"})
     if unknown:
         raise InputError(f"robustness runs the agents memory and randomized, not {', '.join(unknown)}")
-    rt = load_runtime(params, map_path, targets_path, features_dir)
-    episodes = robustness_episodes(rt, params.robustness.episodes, params.base.seed)
-    models = load_agents(params, policies)
-    table, examples = perturbation_matrix(params, rt, models, episodes)
-    dyn = dynamics_sweep(params, rt, models, episodes)
+    load_args = (params, map_path, targets_path, features_dir, dict(policies))
+    state = load_cell_state(*load_args)
+    rt, episodes = state.rt, state.episodes
+    table, dyn, examples = robustness_tables(state, load_args)
     result = metrics(table, dyn, params)
     with staged_dir(out_dir) as out:
         write_csv(out / "robustness.csv", table)

@@ -19,7 +19,6 @@ exact expectation over every pair. Writes ``metrics/grid.json``, ``data/grid/suc
 from __future__ import annotations
 
 import time
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,13 @@ from maprl.data.geo import MapData, read_map
 from maprl.data.splits import hold_out
 from maprl.errors import InputError
 from maprl.eval import grid as baselines
+from maprl.eval.metrics import interval_estimates
 from maprl.features.cache import load_space
 from maprl.features.nets import configure_torch
 from maprl.features.spaces import FeatureSpace
 from maprl.io import staged_dir, write_csv, write_metrics
 from maprl.nav.grid import GridCore, GridNavEnv, GridNavVecEnv
+from maprl.parallel import ordered_map
 
 PUBLISHED = {
     "dataset": "Massachusetts Buildings (not this project's map: context only, not comparable)",
@@ -195,20 +196,20 @@ def evaluate_agent(
     return success
 
 
+def train_and_evaluate(
+    _: None, job: tuple[np.ndarray, np.ndarray, pd.DataFrame, GridSetting, GridParams, int, int]
+) -> np.ndarray:
+    """One training seed ``seed + i`` of a setting, on the train images; (E,) success on the test episodes."""
+    train_emb, test_emb, episodes, s, p, seed, i = job
+    return evaluate_agent(train_agent(train_emb, s, p, seed + i), test_emb, episodes, s, p, seed)
+
+
 def bootstrap_interval(scores: np.ndarray, reps: int, seed: int) -> tuple[float, float]:
     """95 % interval of the mean of (seeds, episodes) 0/1 scores: rliable's stratified bootstrap
     (Agarwal et al. 2021, as ``maprl report``), resampling the episodes and, for each, the seeds."""
-    from rliable import library as rly
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # arch: random_state -> generator, inside rliable
-        _, interval = rly.get_interval_estimates(
-            {"agent": scores.astype(float)},
-            lambda x: np.array([x.mean()]),
-            reps=reps,
-            task_bootstrap=True,
-            random_state=np.random.RandomState(seed),
-        )
+    _, interval = interval_estimates(
+        {"agent": scores.astype(float)}, lambda x: np.array([x.mean()]), reps, seed, task_bootstrap=True
+    )
     return float(interval["agent"][0, 0]), float(interval["agent"][1, 0])
 
 
@@ -301,12 +302,8 @@ def run_setting(
     rng = np.random.default_rng([*_setting_seed(seed, s.name), 0])
     episodes = baselines.grid_episodes(range(len(test_ids)), s.size, s.c_min, s.c_max, p.pairs, rng)
     c = episodes["c"].to_numpy(int)
-    success = np.stack(
-        [
-            evaluate_agent(train_agent(emb[train_ids], s, p, seed + i), emb[test_ids], episodes, s, p, seed)
-            for i in range(p.seeds)
-        ]
-    )
+    jobs = [(emb[train_ids], emb[test_ids], episodes, s, p, seed, i) for i in range(p.seeds)]
+    success = np.stack(ordered_map(train_and_evaluate, jobs, p.workers, desc=f"grid {s.name}", unit="seed"))
     base, probs = baseline_results(s, p, episodes, seed)
     start, goal = episodes["start"].to_numpy(int), episodes["goal"].to_numpy(int)
     table = episodes.assign(setting=s.name, image=test_ids[episodes["image"].to_numpy(int)])
