@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 from bench_search import BEST, FEATURES, MAP, TARGETS, episode_sets, variant
 
-from maprl.config import load_params
-from maprl.eval.agents import ALGOS, AgentController, load_policy
+from maprl.config import ALGOS, load_params
+from maprl.eval.agents import AgentController, load_policy
 from maprl.eval.baselines import RetrieveThenFly
 from maprl.eval.episodes import evaluate_methods
 from maprl.io import write_csv

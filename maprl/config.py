@@ -248,11 +248,17 @@ class AgentParams(_Section):
     )
 
 
+Algo = Literal["ppo", "a2c", "reinforce", "recurrent_ppo", "sac", "td3", "dqn", "qrdqn"]
+ALGOS: tuple[str, ...] = get_args(Algo)
+"""Every ``train.algo``. ``reinforce`` is A2C run as REINFORCE with a learned baseline (Monte Carlo
+returns, see :func:`maprl.learn.training.algo_kwargs`), so it saves and loads as an A2C model."""
+
+
 class TrainParams(_Section):
     hparams: Literal["tuned", "params"] = Field(
         "tuned", description="tuned: best trial of the tune stage (models/best_hparams.yaml); params: the values below."
     )
-    algo: Literal["ppo", "a2c", "reinforce", "recurrent_ppo", "sac", "td3", "dqn", "qrdqn"] = Field(
+    algo: Algo = Field(
         "ppo",
         description="ppo | a2c | reinforce (A2C with Monte Carlo returns) | recurrent_ppo | sac, td3 (env.actions: "
         "continuous) | dqn, qrdqn (discrete or candidates actions).",
@@ -332,7 +338,10 @@ class TrainParams(_Section):
         if self.batch_size > self.n_steps * self.n_envs:
             raise ValueError("batch_size must be <= n_steps * n_envs (one rollout)")
         if self.imitate and self.algo != "ppo":
-            raise ValueError("imitate needs algo: ppo")
+            raise ValueError(
+                f"imitate (the warm start, on for train@search) clones the scripted search into PPO, not {self.algo}: "
+                "set algo: ppo, or train another agent with it (dvc exp run -S train.algo=... train@memory)"
+            )
         return self
 
 
@@ -755,7 +764,12 @@ SEARCH_IMITATE_SHARE = 0.2
 
 
 def agent_variant(params: Params, agent: str) -> Params:
-    """``params`` as agent ``agent`` (one of :data:`AGENTS`) is trained and evaluated."""
+    """``params`` as agent ``agent`` (one of :data:`AGENTS`) is trained and evaluated, validated again
+    (a ParamsError names the key that does not fit the variant, e.g. ``train.algo`` for ``search``)."""
+    return parse_params(_variant(params, agent).model_dump(), f"params.yaml as train@{agent} uses it")
+
+
+def _variant(params: Params, agent: str) -> Params:
     if agent not in AGENTS:
         raise ParamsError(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
     if agent != "search" and not params.agent.portable:  # map-specific by design: its encoder is this map's

@@ -13,10 +13,10 @@ from stable_baselines3 import A2C
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecMonitor
 
-from maprl.config import Params
+from maprl.config import ALGOS, Params
 from maprl.data.geo import MapData
 from maprl.errors import InputError, ParamsError
-from maprl.eval.agents import ALGOS, algo_class, load_policy
+from maprl.eval.agents import algo_class, load_policy
 from maprl.learn import training
 from maprl.learn.policies import MapRLNetwork
 from maprl.learn.training import RunPaths, load_best_hparams, lr_schedule, train

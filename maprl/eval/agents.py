@@ -1,7 +1,7 @@
 """A trained agent: loading its SB3 policy by algorithm name, and flying it as a controller.
 
-:data:`ALGOS` is the one table from ``train.algo`` to the SB3 / sb3-contrib class; training
-(build and resume) and evaluation both use it.
+:func:`algo_class` is the one table from ``train.algo`` (:data:`maprl.config.ALGOS`) to the SB3 /
+sb3-contrib class; training (build and resume) and evaluation both use it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from maprl.config import ALGOS
 from maprl.errors import InputError
 
 if TYPE_CHECKING:
     from maprl.nav.vecenv import NavVecEnv
-
-
-ALGOS = ("ppo", "a2c", "reinforce", "recurrent_ppo", "sac", "td3", "dqn", "qrdqn")
-"""Every ``train.algo``. ``reinforce`` is A2C run as REINFORCE with a learned baseline (Monte Carlo
-returns, see :func:`maprl.learn.training.algo_kwargs`), so it saves and loads as an A2C model."""
 
 
 def algo_class(algo: str) -> type[BaseAlgorithm]:

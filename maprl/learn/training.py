@@ -169,8 +169,6 @@ def check_algo(p: TrainParams, venv: Any) -> None:
             f"train.algo {p.algo} needs discrete actions, but this agent's env has {space}: set "
             "env.actions: discrete (or candidates), or train this agent with ppo, a2c, reinforce, sac or td3"
         )
-    if p.imitate and p.algo != "ppo":
-        raise ParamsError(f"the warm start (train.imitate, on for train@search) clones into PPO, not {p.algo}")
     if p.algo in OFF_POLICY:
         obs_space = venv.observation_space.spaces.values()
         obs_bytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in obs_space)
