@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from maprl.config import AGENTS, LOCATE_INPUTS, LOCATE_METHODS, STAGE_SECTIONS, agent_variant, load_params
+from maprl.config import AGENT_SLOT, AGENTS, LOCATE_INPUTS, LOCATE_METHODS, STAGE_SECTIONS, agent_variant, load_params
 from maprl.errors import InputError
 from maprl.stage import STAGE_HELP, guard
 
@@ -29,7 +29,7 @@ examples:
   maprl fetch                      # build data/map/map.tif from params.yaml (default: synthetic world)
   maprl tile                       # sample target crops and the train/test split
   maprl encode / tune / evaluate   # the other stages, one by one
-  maprl train --agent original     # one of the trained agents: memory, nomemory, original
+  maprl train --agent original     # one agent alone: memory, randomized, nomemory, original, search
   maprl tune-worker --storage postgresql://user:pw@db-host/maprl   # extra tuning worker
   maprl check-params               # validate params.yaml and print the resolved values
   maprl report                     # IQM and 95 % intervals over seeds (dvc exp run -S base.seed=N)
@@ -37,17 +37,22 @@ examples:
 """
 
 
-def stage_command(name: str, dvc_yaml: Path = Path("dvc.yaml"), agent: str = "memory") -> list[str]:
-    """The command ``dvc repro`` runs for stage ``name``, from ``dvc.yaml`` (the one place paths live)."""
+def stage_command(name: str, dvc_yaml: Path = Path("dvc.yaml"), agent: str | None = None) -> list[str]:
+    """The command ``dvc repro`` runs for stage ``name``, from ``dvc.yaml`` (the one place paths live);
+    with ``agent``, the train stage's command for that agent alone, its paths filled in."""
     if not dvc_yaml.exists():
         raise InputError(f"{dvc_yaml} not found; run `maprl {name}` from the root of a maprl repository")
     spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(name)
     if not isinstance(spec, dict) or "cmd" not in spec:
         raise InputError(f"{dvc_yaml} has no stage {name!r}")
-    return shlex.split(str(spec["cmd"]).replace("${item.agent}", agent))
+    cmd = shlex.split(str(spec["cmd"]))
+    if agent is None or "--agents" not in cmd:
+        return cmd
+    cmd[cmd.index("--agents") + 1] = agent
+    return [arg.replace(AGENT_SLOT, agent) for arg in cmd]
 
 
-def run_pipeline_stage(name: str, params: str, agent: str = "memory") -> int:
+def run_pipeline_stage(name: str, params: str, agent: str | None = None) -> int:
     """Run stage ``name`` as dvc.yaml declares it, with another params file if given."""
     cmd = stage_command(name, agent=agent)
     if cmd and cmd[0] == "python":
@@ -59,8 +64,8 @@ def _add_stage(sub: Any, name: str) -> None:
     p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name] + " Paths come from dvc.yaml.")
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     if name == "train":
-        p.add_argument("--agent", default="memory", choices=AGENTS, help="which agent (default: memory)")
-    p.set_defaults(func=lambda a: run_pipeline_stage(name, a.params, getattr(a, "agent", "memory")), raw=True)
+        p.add_argument("--agent", default=None, choices=AGENTS, help="train this agent alone (default: all five)")
+    p.set_defaults(func=lambda a: run_pipeline_stage(name, a.params, getattr(a, "agent", None)), raw=True)
 
 
 def cmd_check_params(args: argparse.Namespace) -> Any:

@@ -331,6 +331,9 @@ class TrainParams(_Section):
     resume: bool = Field(True, description="Continue from the last checkpoint after a killed run.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (pip install maprl[tensorboard]).")
     torch_threads: int = Field(1, ge=1, le=256)
+    workers: int = Field(
+        2, ge=1, le=64, description="Processes the train stage's agents train in (the results do not depend on it)."
+    )
     progress_bar: bool = True
 
     @model_validator(mode="after")
@@ -740,6 +743,9 @@ randomization); ``nomemory`` without the map memory (an ablation); ``original``,
 design: the two views only, the seed reward, no shaping; ``search``, the searcher of
 :data:`SEARCH_AGENT` (candidate actions with an explicit STOP, trained on randomized photos and
 decoys)."""
+
+AGENT_SLOT = "{agent}"
+"""In the train stage's paths, the name of the agent that writes there."""
 
 SEARCH_AGENT: dict[str, dict[str, Any]] = {
     "env": {"actions": "candidates", "stop_action": True},

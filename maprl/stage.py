@@ -24,7 +24,8 @@ STAGE_HELP = {
     "tile": "Sample target crops over valid map areas and split them train/test.",
     "encode": "Build the encoder (self-supervised on the map) and the dense feature cache; calibrate the stop.",
     "tune": "Optuna study over PPO hyperparameters on the validation part of the train split (resumable).",
-    "train": "Train one agent on the batched feature env (--agent memory, randomized, nomemory or original).",
+    "train": "Train the agents on the batched feature env (memory, randomized, nomemory, original, search), "
+    "train.workers at a time.",
     "evaluate": "Evaluate the agents and the baselines on fixed episodes; write metrics, tables, plots and a GIF.",
     "robustness": "The agents and no-learning methods under perturbed photos, query domains and perturbed dynamics.",
     "grid": "The published grid protocol (5x5 patches, 4 moves): PPO over seeds against exact no-learning baselines.",

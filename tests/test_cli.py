@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from maprl.cli import build_parser, main, stage_command
+from maprl.config import AGENTS
 from maprl.errors import InputError
 from maprl.stage import guard
 
@@ -86,6 +87,10 @@ def test_missing_map_is_clear(tmp_path: Path) -> None:
 def test_stage_command_comes_from_dvc_yaml() -> None:
     cmd = stage_command("train", REPO / "dvc.yaml", agent="original")
     assert cmd[:2] == ["python", "pipeline/train.py"] and "models/original/policy.zip" in cmd
+    assert cmd[cmd.index("--agents") + 1] == "original" and not any("{agent}" in arg for arg in cmd)
+    every = stage_command("train", REPO / "dvc.yaml")  # maprl train: all five, each path filled in per agent
+    assert sorted(every[every.index("--agents") + 1].split(",")) == sorted(AGENTS)
+    assert "models/{agent}/policy.zip" in every
     with pytest.raises(InputError, match="no stage 'nope'"):
         stage_command("nope", REPO / "dvc.yaml")
 
@@ -109,7 +114,7 @@ def test_bad_params_in_any_stage_script_is_a_message(tmp_path: Path, stage: str)
     """Params are loaded under the error guard in every stage script, not only some."""
     params = _write(tmp_path, "base: {seed: .nan}\n")
     flags = {"encode": ["--map", "m", "--targets", "t", "--out", "o", "--metrics", "x"]}
-    flags["train"] = ["--agent", "memory", "--map", "m", "--targets", "t", "--features", "f", "--best", "b"]
+    flags["train"] = ["--agents", "memory", "--map", "m", "--targets", "t", "--features", "f", "--best", "b"]
     flags["train"] += ["--policy", "p", "--checkpoints", "c", "--history", "h", "--live", "l", "--metrics", "x"]
     flags["train"] += ["--worlds", "w"]
     flags["evaluate"] = ["--map", "m", "--targets", "t", "--features", "f", "--policies", "memory=p"]

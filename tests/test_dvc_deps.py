@@ -73,7 +73,7 @@ def test_closure_sees_lazy_imports() -> None:
 
 NOT_READ_BY_TUNE = {
     "hparams", "worlds", "init_from", "imitate", "imitate_rounds", "total_timesteps", "curriculum_success", "eval_freq",
-    "eval_episodes", "checkpoint_freq", "resume", "tensorboard", "progress_bar",
+    "eval_episodes", "checkpoint_freq", "resume", "tensorboard", "progress_bar", "workers",
 }  # fmt: skip
 """train keys a tune trial does not read: the train stage's budget, worlds, warm start and bookkeeping."""
 

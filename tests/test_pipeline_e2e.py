@@ -83,16 +83,17 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     metrics = {p.name: p.read_bytes() for p in (repo / "metrics").glob("*.json")}
     lock = _lock_outs(repo)
     forced = _run(["dvc", "repro", "-f"], repo)
-    assert "Running stage 'encode'" in forced and "Running stage 'train@memory'" in forced
+    assert "Running stage 'encode'" in forced and "Running stage 'train'" in forced
     assert {p.name: p.read_bytes() for p in (repo / "metrics").glob("*.json")} == metrics
     assert _lock_outs(repo) == lock
     assert (repo / "metrics" / "timing" / "train-memory.json").exists()
 
-    # robustness cells and grid seeds ran in 2 processes; in one, every byte is the same
-    exp = _run(["dvc", "exp", "run", "-S", "robustness.workers=1", "-S", "grid.workers=1"], repo)
-    assert "Running stage 'robustness'" in exp and "Running stage 'train" not in exp
-    for name in ("robustness.json", "grid.json"):
-        assert (repo / "metrics" / name).read_bytes() == metrics[name]
+    # the agents, robustness cells and grid seeds ran in 2 processes; in one, every byte is the same
+    one = ["-S", "train.workers=1", "-S", "robustness.workers=1", "-S", "grid.workers=1"]
+    exp = _run(["dvc", "exp", "run", *one], repo)
+    assert "Running stage 'train'" in exp and "Running stage 'robustness'" in exp and "Running stage 'tune'" not in exp
+    assert {p.name: p.read_bytes() for p in (repo / "metrics").glob("*.json")} == metrics
+    assert _lock_outs(repo) == lock
 
     exp = _run(["dvc", "exp", "run", "-S", "evaluate.episodes=6"], repo)
     assert "Running stage 'evaluate'" in exp and "Running stage 'fetch'" not in exp

@@ -303,3 +303,51 @@ def test_the_curriculum_moves_up_a_level_only_after_a_rollout_that_succeeded(rt:
         cb.on_step()
         cb.on_rollout_end()
     assert env.level == 1.0 and len(cb.raised_at) == 3  # never past the whole distribution
+
+
+def _template(tmp: Path) -> RunPaths:
+    slot = tmp / "{agent}"
+    return RunPaths(slot / "policy.zip", slot / "ck", slot / "history.json", slot / "train.json", slot / "live")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_train_stage_gives_each_agent_its_own_paths_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    seen: list[training.TrainJob] = []
+
+    def fake_map(fn: Any, jobs: list[training.TrainJob], n: int, **_: Any) -> list[str]:
+        assert fn is training._train_job and n == workers
+        seen.extend(jobs)
+        return [job.agent for job in jobs]
+
+    monkeypatch.setattr(training, "ordered_map", fake_map)
+    params = _params(64, workers=workers, progress_bar=True)
+    out = training.run_train_agents(
+        params, ["search", "memory"], "m.tif", "t.csv", "f", None, _template(tmp_path), tmp_path / "w" / "{agent}"
+    )
+    assert out == {"search": "search", "memory": "memory"}
+    assert [j.paths.policy for j in seen] == [tmp_path / "search" / "policy.zip", tmp_path / "memory" / "policy.zip"]
+    assert [j.worlds_dir for j in seen] == [str(tmp_path / "w" / a) for a in ("search", "memory")]
+    assert all(j.paths.timing is None and j.params.train.workers == workers for j in seen)
+    # one bar per agent would interleave across processes: with several workers, one bar over the agents
+    assert all(j.params.train.progress_bar is (workers == 1) for j in seen)
+
+
+def test_the_train_stage_refuses_paths_that_several_agents_would_share(tmp_path: Path) -> None:
+    shared = RunPaths(tmp_path / "{agent}" / "p.zip", tmp_path / "ck", tmp_path / "h.json", tmp_path / "m.json",
+                      tmp_path / "{agent}" / "live")  # fmt: skip
+    with pytest.raises(InputError, match=r"--checkpoints, --history, --metrics must hold \{agent\}"):
+        training.run_train_agents(_params(64), ["memory", "original"], "m", "t", "f", None, shared)
+    with pytest.raises(InputError, match="each agent once"):
+        training.run_train_agents(_params(64), ["memory", "memory"], "m", "t", "f", None, _template(tmp_path))
+
+
+def test_the_train_stage_checks_every_agent_before_any_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training, "ordered_map", lambda *a, **k: pytest.fail("an agent trained"))
+    with pytest.raises(ParamsError, match="'nope'"):
+        training.run_train_agents(_params(64), ["memory", "nope"], "m", "t", "f", None, _template(tmp_path))
+    with pytest.raises(ParamsError, match="train@search"):  # the searcher's PPO warm start, with a2c
+        training.run_train_agents(_params(64, algo="a2c"), ["memory", "search"], "m", "t", "f", None,
+                                  _template(tmp_path))  # fmt: skip
+    assert not any(tmp_path.iterdir())

@@ -283,14 +283,25 @@ class SettingRun:
     seconds: float
 
 
-def run_setting(
+@dataclass(frozen=True)
+class SettingPlan:
+    """A setting made ready: its images split, embedded, its fixed test episodes and its seed jobs."""
+
+    setting: GridSetting
+    train_ids: np.ndarray
+    test_ids: np.ndarray
+    episodes: pd.DataFrame
+    signal: float
+    jobs: list[tuple[np.ndarray, np.ndarray, pd.DataFrame, GridSetting, GridParams, int, int]]
+
+
+def plan_setting(
     params: Params, s: GridSetting, m: MapData, space: FeatureSpace, hide_images: bool = False
-) -> SettingRun:
-    """One setting: grid images, embeddings, fixed test episodes, the agent over seeds, the baselines.
+) -> SettingPlan:
+    """Grid images, their embeddings, the fixed test episodes and one :func:`train_and_evaluate` job per seed.
 
     ``hide_images`` (an ablation, ``benchmarks/bench_grid.py``): the agent sees zero vectors instead of
     the patch embeddings, so it can only learn an image-blind policy."""
-    t0 = time.perf_counter()
     p, seed = params.grid, params.base.seed
     origins = grid_origins(m, s.size * s.patch)
     test_ids = split_images(len(origins), p.test_fraction, seed, s.name)
@@ -301,21 +312,27 @@ def run_setting(
         emb = np.zeros_like(emb)
     rng = np.random.default_rng([*_setting_seed(seed, s.name), 0])
     episodes = baselines.grid_episodes(range(len(test_ids)), s.size, s.c_min, s.c_max, p.pairs, rng)
-    c = episodes["c"].to_numpy(int)
     jobs = [(emb[train_ids], emb[test_ids], episodes, s, p, seed, i) for i in range(p.seeds)]
-    success = np.stack(ordered_map(train_and_evaluate, jobs, p.workers, desc=f"grid {s.name}", unit="seed"))
+    return SettingPlan(s, train_ids, test_ids, episodes, signal, jobs)
+
+
+def finish_setting(params: Params, plan: SettingPlan, success: np.ndarray) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The setting's metrics and its test episodes with each method's success (expected, for the walks),
+    from ``success``, the (seeds, E) outcomes of its jobs."""
+    p, seed, s, episodes = params.grid, params.base.seed, plan.setting, plan.episodes
+    c = episodes["c"].to_numpy(int)
     base, probs = baseline_results(s, p, episodes, seed)
     start, goal = episodes["start"].to_numpy(int), episodes["goal"].to_numpy(int)
-    table = episodes.assign(setting=s.name, image=test_ids[episodes["image"].to_numpy(int)])
+    table = episodes.assign(setting=s.name, image=plan.test_ids[episodes["image"].to_numpy(int)])
     for i, row in enumerate(success):
         table[f"agent_seed{i}"] = row.astype(int)
     for name in BASELINES:
         table[name] = np.round(probs[name][start, goal], 6)
     metrics = {
         **s.model_dump(exclude={"name"}),
-        "images": {"train": len(train_ids), "test": len(test_ids), "side_px": s.size * s.patch},
+        "images": {"train": len(plan.train_ids), "test": len(plan.test_ids), "side_px": s.size * s.patch},
         "test_episodes": len(episodes),
-        "directional_signal_test": round(signal, 4),
+        "directional_signal_test": round(plan.signal, 4),
         "agent": {
             "seeds": p.seeds,
             "timesteps": p.timesteps,
@@ -325,6 +342,17 @@ def run_setting(
         },
         **base,
     }
+    return metrics, table
+
+
+def run_setting(
+    params: Params, s: GridSetting, m: MapData, space: FeatureSpace, hide_images: bool = False
+) -> SettingRun:
+    """One setting alone: :func:`plan_setting`, its seeds in ``grid.workers`` processes, :func:`finish_setting`."""
+    t0 = time.perf_counter()
+    plan = plan_setting(params, s, m, space, hide_images)
+    success = ordered_map(train_and_evaluate, plan.jobs, params.grid.workers, desc=f"grid {s.name}", unit="seed")
+    metrics, table = finish_setting(params, plan, np.stack(success))
     return SettingRun(metrics, table, time.perf_counter() - t0)
 
 
@@ -376,10 +404,18 @@ def run_grid(
     configure_torch(params.grid.torch_threads)
     m = read_map(map_path)
     space = load_space(features_dir, m)
-    runs = {s.name: run_setting(params, s, m, space) for s in params.grid.settings}
-    frames = {name: curves(name, r.metrics) for name, r in runs.items()}
+    plans = [plan_setting(params, s, m, space) for s in params.grid.settings]
+    jobs = [job for plan in plans for job in plan.jobs]  # every seed of every setting in one pool
+    t_train = time.perf_counter()
+    success = ordered_map(train_and_evaluate, jobs, params.grid.workers, desc="grid", unit="seed")
+    t_train = time.perf_counter() - t_train
+    runs, first = {}, 0
+    for plan in plans:
+        runs[plan.setting.name] = finish_setting(params, plan, np.stack(success[first : first + len(plan.jobs)]))
+        first += len(plan.jobs)
+    frames = {name: curves(name, metrics) for name, (metrics, _) in runs.items()}
     with staged_dir(out_dir) as tmp:
-        write_csv(tmp / "episodes.csv", pd.concat([r.episodes for r in runs.values()], ignore_index=True))
+        write_csv(tmp / "episodes.csv", pd.concat([table for _, table in runs.values()], ignore_index=True))
         (tmp / "curves").mkdir()
         for name, f in frames.items():
             write_csv(tmp / "curves" / f"{name}.csv", f.drop(columns="setting"))
@@ -392,9 +428,9 @@ def run_grid(
             "at that distance; success per distance C and the average over C"
         ),
         "published": PUBLISHED,
-        "settings": {name: r.metrics for name, r in runs.items()},
+        "settings": {name: metrics for name, (metrics, _) in runs.items()},
         "settings_order": list(runs),
-        "seconds": {"total": round(time.perf_counter() - t0, 1)} | {n: round(r.seconds, 1) for n, r in runs.items()},
+        "seconds": {"total": round(time.perf_counter() - t0, 1), "agent_seeds": round(t_train, 1)},
     }
     write_metrics(metrics_path, timing_path, metrics)
     return {k: v for k, v in metrics.items() if k != "published"}

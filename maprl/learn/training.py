@@ -4,7 +4,8 @@ Readable on purpose: :func:`build_model` makes the algorithm from ``params.train
 :func:`train` wires the vector env, callbacks (periodic evaluation on the validation part of
 the train split and on the test split, checkpoints, dvclive, and with ``train.curriculum`` a
 :class:`Curriculum` that widens the training distribution as the agent succeeds) and resume;
-:func:`run_train` is the stage, with every path given by ``dvc.yaml``.
+:func:`run_train` trains one agent, and :func:`run_train_agents`, the stage, trains
+several in worker processes, with every path given by ``dvc.yaml``.
 
 Callbacks fire on SB3's own timestep trigger (:class:`~stable_baselines3.common.callbacks.EveryNTimesteps`),
 aligned to multiples of their period, so a resumed run evaluates and saves at the same
@@ -36,7 +37,7 @@ from stable_baselines3.common.logger import KVWriter, Logger, make_output_format
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecMonitor
 
-from maprl.config import HPARAM_KEYS, INT_HPARAMS, Params, TrainParams, agent_variant
+from maprl.config import AGENT_SLOT, HPARAM_KEYS, INT_HPARAMS, Params, TrainParams, agent_variant
 from maprl.errors import InputError, ParamsError
 from maprl.eval.agents import POLICY_INFO, algo_class, load_policy
 from maprl.eval.evaluate import evaluate_model
@@ -46,6 +47,7 @@ from maprl.learn.imitation import clone_expert
 from maprl.learn.policies import MapRLNetwork, MapRLPolicy
 from maprl.nav.runtime import Runtime, data_fingerprint, fingerprint_differences, load_runtime, nav_config
 from maprl.nav.vecenv import MultiWorldVecEnv, NavVecEnv
+from maprl.parallel import ordered_map
 
 
 class DVCLiveWriter(KVWriter):
@@ -426,7 +428,7 @@ def evaluators(params: Params, rt: Runtime) -> dict[str, Any]:
 
 def run_fingerprint(params: Params, rt: Runtime, hparams: dict[str, Any] | None) -> dict[str, Any]:
     """What a training run's steps depend on; a checkpoint made with anything else is not resumed."""
-    ignore = {"resume", "progress_bar", "tensorboard", "total_timesteps", "checkpoint_freq", "hparams"}
+    ignore = {"resume", "progress_bar", "tensorboard", "total_timesteps", "checkpoint_freq", "hparams", "workers"}
     fingerprint = {
         "seed": params.base.seed,
         "view_size": params.tile.view_size,
@@ -608,3 +610,84 @@ def run_train(
             raise ParamsError("train.worlds > 1 needs a folder for the extra worlds (--worlds)")
         worlds = training_worlds(params, worlds_dir)
     return train(params, rt, paths, hparams, worlds)
+
+
+def agent_paths(template: RunPaths, agent: str) -> RunPaths:
+    """``template`` with every ``{agent}`` in its paths replaced by ``agent``."""
+
+    def fill(path: Path) -> Path:
+        return Path(str(path).replace(AGENT_SLOT, agent))
+
+    t = template
+    timing = None if t.timing is None else fill(t.timing)
+    return RunPaths(fill(t.policy), fill(t.checkpoints), fill(t.history), fill(t.metrics), fill(t.live), timing)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One agent of the train stage, with everything :func:`run_train` reads."""
+
+    params: Params
+    agent: str
+    map_path: str
+    targets_path: str
+    features_dir: str
+    best_path: str | None
+    paths: RunPaths
+    worlds_dir: str | None
+
+
+def _train_job(_state: None, job: TrainJob) -> dict[str, Any]:
+    j = job
+    return run_train(j.params, j.agent, j.map_path, j.targets_path, j.features_dir, j.best_path, j.paths, j.worlds_dir)
+
+
+def run_train_agents(
+    params: Params,
+    agents: list[str],
+    map_path: str | Path,
+    targets_path: str | Path,
+    features_dir: str | Path,
+    best_path: str | Path | None,
+    template: RunPaths,
+    worlds_template: str | Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The train stage: :func:`run_train` for each of ``agents``, in ``train.workers`` processes.
+
+    The paths are ``template``'s (and ``worlds_template``'s) with ``{agent}`` filled in. Every agent's
+    params variant is checked before any trains. The agents share nothing and each seeds its own run,
+    so what they write does not depend on the number of workers; with several workers, the per-agent
+    progress bars (which would interleave) give way to one bar over the agents.
+    """
+    if not agents or len(set(agents)) != len(agents):
+        raise InputError(f"--agents must name each agent once, got {','.join(agents) or 'none'}")
+    if len(agents) > 1:
+        slots = {"--policy": template.policy, "--checkpoints": template.checkpoints, "--history": template.history,
+                 "--metrics": template.metrics, "--live": template.live, "--timing": template.timing,
+                 "--worlds": worlds_template}  # fmt: skip
+        shared = [flag for flag, path in slots.items() if path is not None and AGENT_SLOT not in str(path)]
+        if shared:
+            raise InputError(
+                f"{', '.join(shared)} must hold {AGENT_SLOT} when several agents train, or they would write "
+                f"to the same place (e.g. models/{AGENT_SLOT}/policy.zip)"
+            )
+    for agent in agents:
+        agent_variant(params, agent)  # an unknown agent or a variant that does not validate stops here
+    workers = params.train.workers
+    if workers > 1 and len(agents) > 1 and params.train.progress_bar:
+        params = params.model_copy(update={"train": params.train.model_copy(update={"progress_bar": False})})
+    jobs = [
+        TrainJob(
+            params,
+            agent,
+            str(map_path),
+            str(targets_path),
+            str(features_dir),
+            None if best_path is None else str(best_path),
+            agent_paths(template, agent),
+            None if worlds_template is None else str(worlds_template).replace(AGENT_SLOT, agent),
+        )
+        for agent in agents
+    ]
+    results = ordered_map(_train_job, jobs, workers, desc="train", unit="agent")
+    return dict(zip(agents, results, strict=True))
