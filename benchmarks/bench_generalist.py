@@ -5,7 +5,7 @@ Usage (after `dvc repro`, from the repository root):
     python benchmarks/bench_generalist.py --worlds 4 --held-out 2 [--naip ../shared/data/naip-nd] [--work DIR]
 
 What it does, all with the pipeline's params and the stage functions (:mod:`maprl.learn.worlds`):
-1. the generalist: ``train@search`` with ``train.worlds`` = N (the pipeline's map plus N-1 procedural
+1. the generalist: the ``search`` agent with ``train.worlds`` = N (the pipeline's map plus N-1 procedural
    worlds), the same code path as ``dvc exp run -S train.worlds=N``;
 2. ``--held-out`` new procedural worlds (seeds apart from every training world); on each, a
    map-specific searcher is trained on its own train split;
@@ -59,7 +59,7 @@ def episode_sets(params: Params, rt: Runtime) -> list[tuple[str, Any, pd.DataFra
 
 
 def evaluate(params: Params, rt: Runtime, policies: dict[str, Path], where: str) -> list[dict[str, Any]]:
-    """Every policy (as train@search) and the two retrieval baselines on ``rt``'s fixed episodes."""
+    """Every policy (as the search agent) and the two retrieval baselines on ``rt``'s fixed episodes."""
     sp = agent_variant(params, "search")
     cfg = nav_config(sp, rt, max_steps=params.evaluate.max_steps, shaping=0.0)
     base = nav_config(params, rt, max_steps=params.evaluate.max_steps, shaping=0.0)

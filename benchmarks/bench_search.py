@@ -1,4 +1,4 @@
-"""Does the learned searcher earn its place? ``train@search`` over several training seeds against the
+"""Does the learned searcher earn its place? the ``search`` agent over several training seeds against the
 no-learning baselines, on the evaluate stage's own fixed episodes.
 
 Usage (after `dvc repro`, from the repository root):
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds of the searcher (base.seed + 0..n-1)")
     ap.add_argument("--timesteps", type=int, default=None, help="train.total_timesteps (default: params)")
-    ap.add_argument("--agent", default="search", help="the train@ variant to train (default: search)")
+    ap.add_argument("--agent", default="search", help="the agent variant to train (default: search)")
     ap.add_argument("--algo", default=None, help="train.algo override (ppo | recurrent_ppo)")
     ap.add_argument("--decoy-rate", type=float, default=None, help="train.decoy_rate override")
     ap.add_argument("--curriculum", type=int, default=None, help="train.curriculum override (levels; 0: off)")

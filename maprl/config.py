@@ -267,7 +267,7 @@ class TrainParams(_Section):
         100_000, ge=64, le=100_000_000, description="Replay buffer of the off-policy algos (sac, td3, dqn, qrdqn)."
     )
     worlds: int = Field(
-        1, ge=1, le=256, description="Train across this many procedural worlds (portable agents: train@search)."
+        1, ge=1, le=256, description="Train across this many procedural worlds (portable agents: the search agent)."
     )
     init_from: str | None = Field(
         None, description="A trained policy.zip to fine-tune (with this run's budget) instead of starting fresh."
@@ -308,10 +308,10 @@ class TrainParams(_Section):
         0.8, gt=0, le=1, description="Training success rate over one rollout that moves the curriculum up a level."
     )
     randomize: float = Field(
-        0.5, ge=0, le=1, description="train@randomized: largest perturbation strength of its training target photos."
+        0.5, ge=0, le=1, description="The randomized agent: largest perturbation strength of its training photos."
     )
     randomize_views: int = Field(
-        2, ge=1, le=64, description="train@randomized: randomized photos prepared per training target."
+        2, ge=1, le=64, description="The randomized agent: randomized photos prepared per training target."
     )
     learning_rate: float = Field(3e-4, gt=0, le=1)
     lr_schedule: Literal["linear", "constant"] = "linear"
@@ -342,8 +342,9 @@ class TrainParams(_Section):
             raise ValueError("batch_size must be <= n_steps * n_envs (one rollout)")
         if self.imitate and self.algo != "ppo":
             raise ValueError(
-                f"imitate (the warm start, on for train@search) clones the scripted search into PPO, not {self.algo}: "
-                "set algo: ppo, or train another agent with it (dvc exp run -S train.algo=... train@memory)"
+                f"imitate (the warm start, on for the search agent) clones the scripted search into PPO, not "
+                f"{self.algo}: set algo: ppo, or train another agent alone with it (maprl train --agent memory "
+                "--params FILE)"
             )
         return self
 
@@ -758,23 +759,23 @@ SEARCH_AGENT: dict[str, dict[str, Any]] = {
     },
     "train": {"decoy_rate": 0.1},
 }
-"""What ``train@search`` changes from params.yaml: it picks among 3 retrieval candidates (fly to one,
+"""What the ``search`` agent changes from params.yaml: it picks among 3 retrieval candidates (fly to one,
 refine, move on, STOP), sees its recent similarities, how its view compares with each candidate's
 and the best match it has seen at each candidate (the nav vector only, similarities relative to
 the stop threshold: portable to other maps), and trains with decoys in a tenth of its episodes
 (measured against 0, 0.02, 0.05, 0.25 and 0.5: with more decoys it learns to distrust a right
 top candidate that looks unlike the photo, README "An agent that searches and stops"), on photos
-randomized as ``train@randomized``'s, after a warm start that clones the scripted search
+randomized as the ``randomized`` agent's, after a warm start that clones the scripted search
 (:mod:`maprl.learn.imitation`)."""
 SEARCH_IMITATE_SHARE = 0.2
-"""``train@search`` clones the scripted search for this share of ``train.total_timesteps`` (unless
+"""The ``search`` agent clones the scripted search for this share of ``train.total_timesteps`` (unless
 ``train.imitate`` is set) before PPO."""
 
 
 def agent_variant(params: Params, agent: str) -> Params:
     """``params`` as agent ``agent`` (one of :data:`AGENTS`) is trained and evaluated, validated again
     (a ParamsError names the key that does not fit the variant, e.g. ``train.algo`` for ``search``)."""
-    return parse_params(_variant(params, agent).model_dump(), f"params.yaml as train@{agent} uses it")
+    return parse_params(_variant(params, agent).model_dump(), f"params.yaml as the {agent} agent trains")
 
 
 def _variant(params: Params, agent: str) -> Params:

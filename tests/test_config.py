@@ -100,12 +100,12 @@ def test_readme_result_tables_are_the_committed_metrics() -> None:
 
 @pytest.mark.parametrize("algo", ["a2c", "sac"])
 def test_an_agent_variant_is_validated_again_naming_what_does_not_fit(algo: str) -> None:
-    """train@search turns the PPO warm start on, so another algo is refused there, and only there."""
+    """The search agent turns the PPO warm start on, so another algo is refused there, and only there."""
     from maprl.config import agent_variant
 
     params = parse_params({"train": {"algo": algo}})
     with pytest.raises(
-        ParamsError, match=rf"train@search.*\n  train: .*clones the scripted search into PPO, not {algo}"
+        ParamsError, match=rf"the search agent.*\n  train: .*clones the scripted search into PPO, not {algo}"
     ):
         agent_variant(params, "search")
     assert agent_variant(params, "memory").train.algo == algo

@@ -347,7 +347,7 @@ def test_the_train_stage_checks_every_agent_before_any_trains(tmp_path: Path, mo
     monkeypatch.setattr(training, "ordered_map", lambda *a, **k: pytest.fail("an agent trained"))
     with pytest.raises(ParamsError, match="'nope'"):
         training.run_train_agents(_params(64), ["memory", "nope"], "m", "t", "f", None, _template(tmp_path))
-    with pytest.raises(ParamsError, match="train@search"):  # the searcher's PPO warm start, with a2c
+    with pytest.raises(ParamsError, match="the search agent"):  # the searcher's PPO warm start, with a2c
         training.run_train_agents(_params(64, algo="a2c"), ["memory", "search"], "m", "t", "f", None,
                                   _template(tmp_path))  # fmt: skip
     assert not any(tmp_path.iterdir())

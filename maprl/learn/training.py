@@ -411,7 +411,7 @@ def make_train_env(
     gamma = float(resolve_hparams(p, hparams)["gamma"])
     cfg = nav_config(params, rt, max_steps=p.max_steps, shaping=p.shaping, gamma=gamma, decoy_rate=p.decoy_rate)
     scene = rt.scene
-    if p.randomize > 0:  # train@randomized: photos under random perturbations (evaluation keeps rt.scene)
+    if p.randomize > 0:  # the randomized agent: photos under random perturbations (evaluation keeps rt.scene)
         scene = rt.randomized_scene(split, p.randomize, p.randomize_views, seed, tiers=p.curriculum > 0)
     return NavVecEnv(scene, n_envs, cfg, split=split, memory=rt.memory, seed=seed)
 

@@ -81,6 +81,6 @@ def training_worlds(params: Params, folder: str | Path) -> list[Runtime]:
     if n > 1 and not params.agent.portable:
         raise ParamsError(
             "train.worlds > 1 needs agent.portable: true (each world has its own encoder, so only the "
-            "portable nav vector means the same on all of them); train@search is portable"
+            "portable nav vector means the same on all of them); the search agent is portable"
         )
     return [build_world(params, s, folder)[0] for s in world_seeds(params.base.seed, n - 1)]
