@@ -128,6 +128,31 @@ def test_candidate_actions_fly_towards_the_chosen_candidate(scene: Scene, memory
     assert -moving[0] >= e.core.step_px - 1e-9, "at least a full step on the longer axis"
 
 
+@pytest.mark.parametrize(("short", "lands"), [(0.3, True), (0.6, False)])
+def test_a_flight_that_would_end_within_the_visit_radius_lands_on_the_candidate(
+    scene: Scene, memory: MapMemory, short: float, lands: bool
+) -> None:
+    """Defect: a flight could stop a few pixels short of a candidate, mark it visited and record a
+    similarity far below the candidate's own, so the searcher moved on from a right candidate."""
+    cfg = config("candidates", True, action_step=0.1, success_radius=16.0)
+    e = env(scene, memory, cfg)
+    e.reset(options={"target_id": int(scene.targets["id"][1]), "start": (20.0, 110.0)})
+    goal = e.core.ep_cands[0, 0].copy()
+    away = e.core.centre - goal
+    away /= np.hypot(*away)
+    full = e.core.step_px / np.abs(away).max()  # a full step on the longer axis
+    start = goal + away * (full + short * cfg.success_radius)
+    e.reset(options={"target_id": int(scene.targets["id"][1]), "start": tuple(start)})
+    e.step(0)
+    gap = float(np.hypot(*(e.core.pos[0] - goal)))
+    if lands:
+        assert gap < 1e-6 and e.core.cand_seen[0, 0] == e.core.sim[0]
+    else:
+        assert gap == pytest.approx(short * cfg.success_radius) and not e.core.visited[0, 0]
+        e.step(0)
+        assert float(np.hypot(*(e.core.pos[0] - goal))) < 1e-6
+
+
 def test_move_on_visits_unvisited_candidates_in_rank_order(scene: Scene, memory: MapMemory) -> None:
     cfg = config("candidates", False, action_step=0.2)
     e = env(scene, memory, cfg)

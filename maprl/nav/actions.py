@@ -6,12 +6,13 @@
 |                 |                                    | stops instead of moving (the original design: Box(2))|
 | ``discrete``    | ``Discrete(8)`` / ``Discrete(9)``  | one full step N, NE, E, SE, S, SW, W, NW (y grows    |
 |                 |                                    | southwards); with STOP, action 8 stops               |
-| ``candidates``  | ``Discrete(k+2)`` / ``Discrete(k+3)`` | 0..k-1: one full step towards retrieval candidate  |
-|                 |                                    | j; k: refine (the best of 8 probes a quarter step    |
-|                 |                                    | away, or stay); k+1: move on (towards the first      |
-|                 |                                    | candidate not yet visited, or, all visited, back to  |
-|                 |                                    | the one whose view matched best); with STOP, k+2     |
-|                 |                                    | stops                                                |
+| ``candidates``  | ``Discrete(k+2)`` / ``Discrete(k+3)`` | 0..k-1: one full step towards retrieval candidate j, |
+|                 |                                    | landing on it when the step would end within half a  |
+|                 |                                    | success radius of it; k: refine (the best of 8 probes |
+|                 |                                    | a quarter step away, or stay); k+1: move on (towards |
+|                 |                                    | the first candidate not yet visited, or, all visited, |
+|                 |                                    | back to the one whose view matched best); with STOP, |
+|                 |                                    | k+2 stops                                            |
 
 ``k`` is ``agent.n_candidates``. With STOP the episode ends when the agent stops, and it is a
 success only if the view centre is then within the success radius (the protocol of Anderson et

@@ -134,6 +134,7 @@ class NavConfig:
 
 
 DECOY_DISTANCE_RADII = 4.0  # a decoy lies at least this many success radii from the target
+VISIT_RADII = 0.5  # an agent within this many success radii of a candidate is at it (the visited flags)
 
 
 def draw_decoy(
@@ -227,7 +228,7 @@ class NavCore:
     def at_candidates(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
         """(len(idx), k): whether each agent is now within half a success radius of each candidate."""
         d = np.hypot(*np.moveaxis(self.ep_cands[idx] - self.pos[idx][:, None, :], 2, 0))
-        return d <= 0.5 * self.cfg.success_radius
+        return d <= VISIT_RADII * self.cfg.success_radius
 
     def _mark_visited(self, idx: np.ndarray | slice) -> None:
         at = self.at_candidates(idx)
@@ -262,6 +263,12 @@ class NavCore:
         goal[pick] = self.ep_cands[rows[pick], a[pick]]
         goal[on] = self.ep_cands[rows[on], self.next_candidate()[on]]
         move = fly_action(self.pos, goal, self.step_px).astype(np.float64)
+        # a flight that would end within the visit radius short of its candidate lands on it: else the
+        # candidate counts as visited with a view up to half a success radius off, whose similarity can be
+        # far below the candidate's own (README "An agent that searches and stops")
+        rest = np.hypot(*(goal - self.pos - move * self.step_px).T)
+        land = (pick | on) & (rest > 0) & (rest <= VISIT_RADII * self.cfg.success_radius)
+        move[land] = (goal[land] - self.pos[land]) / self.step_px
         refine = np.flatnonzero(a == k)
         if len(refine):
             move[refine] = self._refine(refine)
