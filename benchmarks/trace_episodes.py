@@ -51,6 +51,8 @@ def trace(rt: Runtime, params: Params, agent: str, split: str, episodes: list[in
     cfg = nav_config(ap, rt, max_steps=ap.evaluate.max_steps, shaping=0.0)
     model = load_policy(f"models/{agent}/policy.zip", ap.train.algo)
     df, paths = evaluate_methods(scene, rt.memory, cfg, {agent: functools.partial(AgentController, model)}, eps)
+    if rt.memory is None:
+        raise SystemExit("no map memory to draw candidates from (agent.memory: none)")
     target_embs = scene.target_embeddings()
     radius = ap.evaluate.success_radius
     rows = []
@@ -102,6 +104,8 @@ def main() -> None:
         row = f"agent_{args.agent}" if args.agent != "memory" else "agent"
         episodes = won.index[(won[args.lost_to] == 1) & (won[row] == 0)].tolist()
         print(f"{len(episodes)} episodes of {args.split} that {args.lost_to} won and {row} lost: {episodes}")
+        if not episodes:
+            return
     params = load_params(args.params)
     rt = load_runtime(params, "data/map/map.tif", "data/targets/targets.csv", "data/features")
     print(trace(rt, params, args.agent, args.split, episodes).to_markdown(index=False))
