@@ -171,7 +171,7 @@ def robustness_tables(
     sweep += [Dynamics("action_noise", v) for v in p.action_noise]
     jobs: list[Cell | Dynamics] = [*cells, *sweep]
     results = ordered_map(
-        run_job, jobs, p.workers, local=state, setup=_worker_state, setup_args=load_args,
+        run_job, jobs, p.workers, local=state, setup=load_cell_state, setup_args=(*load_args, 1),
         desc="robustness", unit="cell",
     )  # fmt: skip
     examples: dict[str, dict[str, np.ndarray]] = {}
@@ -181,13 +181,6 @@ def robustness_tables(
     table = pd.DataFrame([row for rows, _ in results[: len(cells)] for row in rows])
     dyn = pd.DataFrame([row for rows, _ in results[len(cells) :] for row in rows])
     return table, dyn, examples
-
-
-def _worker_state(
-    params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path,
-    policies: Mapping[str, str | Path],
-) -> CellState:  # fmt: skip
-    return load_cell_state(params, map_path, targets_path, features_dir, policies, threads=1)
 
 
 def break_strengths(table: pd.DataFrame) -> dict[str, dict[str, dict[str, float | None]]]:
