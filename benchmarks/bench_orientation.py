@@ -1,0 +1,227 @@
+"""Can a map be searched across dates without learning? Dense orientation correlation on real rasters.
+
+The pipeline's retrieval (the SSL encoder's embeddings over a grid of map views) finds the true
+place for only about a third of the NAIP test photos from another date (``bench_stop.py``:
+top-1 0.38 / 0.14 / 0.21 on 2018 / 2016 / 2014). Every method that flies to retrieved candidates,
+learned or not, is capped there. This benchmark measures, on the **same held-out test targets**
+(``bench_stop``'s maps and settings, hence the same tiling and seed), two classical template
+matchers that slide the photo over every pixel offset of the map (FFT correlation, no training):
+
+* ``gray-ncc``: zero-mean normalised cross-correlation of the grey level;
+* ``orientation``: the same correlation of the gradient's *double-angle* orientation field
+  (per pixel ``(gx + i gy)^2 / |gx + i gy|``, its magnitude square-rooted; Gaussian sigma
+  ``--sigma`` before the Sobel filters). Squaring the unit gradient makes it blind to contrast
+  sign and to any monotone change of brightness and colour, the changes between two dates of
+  the same fields, while roads, field edges and shorelines keep their orientation.
+
+``top-1``: share of test photos whose best offset lies within the success radius of the truth;
+``top-3``: within the radius of one of the best three offsets, each more than two radii from the
+better ones (how the map memory separates candidates). Intervals: 95 % Wilson intervals over the
+test targets. With ``--ssl`` the pipeline's own encoder (``encode_map`` and ``photo_embeddings``
+with the params' heading search and the encode stage's stop threshold, as the pipeline and
+``bench_stop`` embed photos) is measured on the same photos too::
+
+    python benchmarks/bench_orientation.py                 # NAIP and Landsat, the two matchers (~2 min)
+    python benchmarks/bench_orientation.py --ssl           # and the pipeline's encoder (~10 more min)
+    python benchmarks/bench_orientation.py --quick         # tiny settings, a smoke test
+
+The photos here keep the map's heading (north up); a rotated photo needs the matcher run at
+several headings, as ``encoder.heading_search`` does for the encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from bench_stop import DATA, FULL, MAPS, QUICK, make_params
+from scipy import fft, ndimage, stats
+
+from maprl.data.fetch import run_fetch
+from maprl.data.geo import read_map
+from maprl.data.splits import test_area
+from maprl.data.tile import read_domains, read_targets, run_tile
+from maprl.features.encode import encode_map, measure, photo_embeddings
+from maprl.features.memory import MapMemory
+from maprl.features.photos import target_photos
+from maprl.io import write_csv
+from maprl.views import view_origin
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("gray-ncc", "orientation")
+COLUMNS = ["map", "query", "method", "top1", "top1_lo", "top1_hi", "top3", "n_targets", "ms_per_photo"]
+
+
+def field(rgb: np.ndarray, method: str, sigma: float) -> np.ndarray:
+    """The (C, H, W) float64 field a method correlates, from (H, W, 3) uint8 ``rgb``."""
+    grey = rgb.astype(np.float64).mean(axis=2)
+    if method == "gray-ncc":
+        return grey[None]
+    smooth = ndimage.gaussian_filter(grey, sigma)
+    z = (ndimage.sobel(smooth, axis=1) + 1j * ndimage.sobel(smooth, axis=0)) ** 2
+    z = z / (np.abs(z) + 1e-9) * np.sqrt(np.abs(z))  # double angle, magnitude |g|
+    return np.stack([z.real, z.imag])
+
+
+class Correlator:
+    """Zero-mean normalised cross-correlation of (C, h, w) templates over every offset of a (C, H, W) field."""
+
+    def __init__(self, field_map: np.ndarray, h: int, w: int) -> None:
+        self.c, self.H, self.W = field_map.shape
+        self.h, self.w = h, w
+        self.shape = (self.H, self.W)
+        self.spectra = [fft.rfft2(ch, workers=-1) for ch in field_map]
+        box = np.ones((h, w))
+        var = sum(self._valid(self._corr(s, box)) for s in (fft.rfft2(ch**2, workers=-1) for ch in field_map))
+        means = [self._valid(self._corr(s, box)) for s in self.spectra]
+        self.denominator = np.maximum(var - sum(m**2 for m in means) / (h * w), 1e-9)
+
+    def _corr(self, spectrum: np.ndarray, template: np.ndarray) -> np.ndarray:
+        return fft.irfft2(
+            spectrum * fft.rfft2(template[::-1, ::-1], s=self.shape, workers=-1), s=self.shape, workers=-1
+        )
+
+    def _valid(self, full: np.ndarray) -> np.ndarray:
+        return full[self.h - 1 : self.H, self.w - 1 : self.W]
+
+    def scores(self, template: np.ndarray) -> np.ndarray:
+        """NCC of ``template`` at every top-left offset (H - h + 1, W - w + 1)."""
+        t = template - template.mean(axis=(1, 2), keepdims=True)
+        num = sum(self._valid(self._corr(s, ch)) for s, ch in zip(self.spectra, t, strict=True))
+        return num / np.sqrt(self.denominator * float((t**2).sum()) + 1e-12)
+
+
+def best_offsets(scores: np.ndarray, k: int, separation: float) -> np.ndarray:
+    """The ``k`` best (x, y) top-left offsets, each more than ``separation`` px from the better ones."""
+    s = scores.copy()
+    yy, xx = np.mgrid[0 : s.shape[0], 0 : s.shape[1]]
+    out = []
+    for _ in range(k):
+        y, x = np.unravel_index(int(np.argmax(s)), s.shape)
+        out.append((x, y))
+        s[np.hypot(xx - x, yy - y) <= separation] = -np.inf
+    return np.array(out, float)
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (scipy's ``binomtest``); NaN for no trials."""
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = stats.binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def row(name: str, query: str, method: str, hits1: np.ndarray, hits3: np.ndarray, ms: float) -> dict[str, Any]:
+    lo, hi = wilson(int(hits1.sum()), len(hits1))
+    return {
+        "map": name, "query": query, "method": method, "top1": float(hits1.mean()), "top1_lo": lo, "top1_hi": hi,
+        "top3": float(hits3.mean()), "n_targets": len(hits1), "ms_per_photo": ms,
+    }  # fmt: skip
+
+
+def bench_map(name: str, params: Any, sigma: float, ssl: bool, work: Path) -> list[dict[str, Any]]:
+    """Fetch and tile one map in ``work``; each matcher's top-1 and top-3 on every query domain's test photos."""
+    run_fetch(params, work / "map", work / "fetch.json")
+    run_tile(params, work / "map" / "map.tif", work / "targets", work / "tile.json")
+    view, radius = params.tile.view_size, params.evaluate.success_radius
+    m = read_map(work / "map" / "map.tif")
+    targets = read_targets(work / "targets" / "targets.csv", m, view)
+    domains = read_domains(work / "map" / "map.tif")
+    test = (targets["split"] == "test").to_numpy()
+    xy = targets.loc[test, ["x", "y"]].to_numpy(float)
+    x0, y0 = view_origin(xy[:, 0], xy[:, 1], view)
+    truth = np.stack([x0, y0], axis=1).astype(float)
+    sources = {"same": m.rgb, **{d: rgb for d, (rgb, _) in domains.items()}}
+    rows = []
+    for method in METHODS:
+        corr = Correlator(field(m.rgb, method, sigma), view, view)
+        for query, rgb in sources.items():
+            t0 = time.perf_counter()
+            found = [
+                best_offsets(corr.scores(field(p, method, sigma)), 3, 2 * radius) for p in target_photos(rgb, xy, view)
+            ]
+            ms = 1000 * (time.perf_counter() - t0) / max(len(found), 1)
+            dist = np.linalg.norm(np.stack(found) - truth[:, None, :], axis=2)  # (T, 3)
+            rows.append(row(name, query, method, dist[:, 0] <= radius, (dist <= radius).any(axis=1), ms))
+    if ssl:
+        forbidden = test_area(targets, (m.height, m.width), view, params.tile.block_size)
+        space, _ = encode_map(params.encoder, m, view, params.base.seed, domains, forbidden)
+        threshold = measure(space, m, targets, params.encoder, params.base.seed, radius)[1]["stop_threshold"]
+        photos = photo_embeddings(space, m, targets, domains, params.encoder.heading_search, radius, threshold)
+        memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
+        for query, e in photos.items():
+            t0 = time.perf_counter()
+            cand, _ = memory.query(e.embeddings[test], k=3)
+            ms = 1000 * (time.perf_counter() - t0) / max(int(test.sum()), 1)
+            dist = np.linalg.norm(cand - xy[:, None, :], axis=2)
+            rows.append(
+                row(name, query, "ssl encoder (pipeline)", dist[:, 0] <= radius, (dist <= radius).any(axis=1), ms)
+            )
+    return rows
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    lines = ["| map | photos | method | top-1 [95 % CI] | top-3 | n | ms / photo |", "|" + "---|" * 7]
+    for r in frame.itertuples(index=False):
+        lines.append(
+            f"| {r.map} | {r.query} | {r.method} | {r.top1:.3f} [{r.top1_lo:.3f}, {r.top1_hi:.3f}] | {r.top3:.3f} | "
+            f"{r.n_targets} | {r.ms_per_photo:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="see the module docstring for columns")
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default: %(default)s)")
+    ap.add_argument("--maps", nargs="+", choices=sorted(MAPS), default=list(MAPS), help="maps to run")
+    ap.add_argument("--quick", action="store_true", help="tiny settings (view 32 px, 40 targets)")
+    ap.add_argument(
+        "--sigma", type=float, default=1.5, help="Gaussian sigma before the gradient (default: %(default)s)"
+    )
+    ap.add_argument("--ssl", action="store_true", help="also measure the pipeline's SSL encoder on the same photos")
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml", help="base params (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV (atomically)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    if not np.isfinite(args.sigma) or args.sigma <= 0:
+        sys.exit(f"--sigma {args.sigma}: must be a positive finite number")
+    overrides = copy.deepcopy(QUICK if args.quick else FULL)
+    base = yaml.safe_load(args.params.read_text())
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for name in args.maps:
+        map_rel, query_rel = MAPS[name]
+        paths = [args.data / map_rel, *(args.data / q for q in query_rel.values())]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            sys.exit(f"missing {', '.join(missing)}: pass --data, the shared data folder")
+        params = make_params(base, paths[0], dict(zip(query_rel, paths[1:], strict=True)), overrides)
+        with tempfile.TemporaryDirectory(prefix=f"bench_orientation_{name}_") as work:
+            rows.extend(bench_map(name, params, args.sigma, args.ssl, Path(work)))
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    t = params.tile
+    print(
+        f"# bench_orientation ({'quick' if args.quick else 'full'} settings; data {args.data}; view {t.view_size} px, "
+        f"blocks {t.block_size} px, success radius {params.evaluate.success_radius} px, seed {params.base.seed}, "
+        f"sigma {args.sigma}; {time.perf_counter() - t0:.0f} s wall)"
+    )
+    print()
+    print(markdown(frame))
+    if args.out is not None:
+        write_csv(args.out, frame)
+    return frame
+
+
+if __name__ == "__main__":
+    main()
