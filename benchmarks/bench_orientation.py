@@ -5,14 +5,16 @@ place for only about a third of the NAIP test photos from another date (``bench_
 top-1 0.38 / 0.14 / 0.21 on 2018 / 2016 / 2014). Every method that flies to retrieved candidates,
 learned or not, is capped there. This benchmark measures, on the **same held-out test targets**
 (``bench_stop``'s maps and settings, hence the same tiling and seed), two classical template
-matchers that slide the photo over every pixel offset of the map (FFT correlation, no training):
+matchers that slide the photo over every pixel offset of the map, with no training (the library's
+FFT correlation, :class:`maprl.eval.baselines.NCC`, at full resolution):
 
-* ``gray-ncc``: zero-mean normalised cross-correlation of the grey level;
+* ``gray-ncc``: zero-mean normalised cross-correlation of the grey level, as the evaluate stage's
+  template-matching oracle (which searches coarse to fine);
 * ``orientation``: the same correlation of the gradient's *double-angle* orientation field
-  (per pixel ``(gx + i gy)^2 / |gx + i gy|``, its magnitude square-rooted; Gaussian sigma
-  ``--sigma`` before the Sobel filters). Squaring the unit gradient makes it blind to contrast
-  sign and to any monotone change of brightness and colour, the changes between two dates of
-  the same fields, while roads, field edges and shorelines keep their orientation.
+  (:func:`maprl.eval.baselines.orientation_field`, Gaussian sigma ``--sigma``). Doubling the
+  angle makes it blind to contrast sign and to any monotone change of brightness and colour, the
+  changes between two dates of the same fields, while roads, field edges and shorelines keep
+  their orientation.
 
 ``top-1``: share of test photos whose best offset lies within the success radius of the truth;
 ``top-3``: within the radius of one of the best three offsets, each more than two radii from the
@@ -43,12 +45,13 @@ import numpy as np
 import pandas as pd
 import yaml
 from bench_stop import DATA, FULL, MAPS, QUICK, make_params
-from scipy import fft, ndimage, stats
+from scipy import stats
 
 from maprl.data.fetch import run_fetch
 from maprl.data.geo import read_map
 from maprl.data.splits import test_area
 from maprl.data.tile import read_domains, read_targets, run_tile
+from maprl.eval.baselines import NCC, orientation_field
 from maprl.features.encode import encode_map, measure, photo_embeddings
 from maprl.features.memory import MapMemory
 from maprl.features.photos import target_photos
@@ -61,42 +64,9 @@ COLUMNS = ["map", "query", "method", "top1", "top1_lo", "top1_hi", "top3", "n_ta
 
 
 def field(rgb: np.ndarray, method: str, sigma: float) -> np.ndarray:
-    """The (C, H, W) float64 field a method correlates, from (H, W, 3) uint8 ``rgb``."""
+    """The (H, W) grey level or (2, H, W) orientation field that ``method`` correlates, from (H, W, 3) ``rgb``."""
     grey = rgb.astype(np.float64).mean(axis=2)
-    if method == "gray-ncc":
-        return grey[None]
-    smooth = ndimage.gaussian_filter(grey, sigma)
-    z = (ndimage.sobel(smooth, axis=1) + 1j * ndimage.sobel(smooth, axis=0)) ** 2
-    z = z / (np.abs(z) + 1e-9) * np.sqrt(np.abs(z))  # double angle, magnitude |g|
-    return np.stack([z.real, z.imag])
-
-
-class Correlator:
-    """Zero-mean normalised cross-correlation of (C, h, w) templates over every offset of a (C, H, W) field."""
-
-    def __init__(self, field_map: np.ndarray, h: int, w: int) -> None:
-        self.c, self.H, self.W = field_map.shape
-        self.h, self.w = h, w
-        self.shape = (self.H, self.W)
-        self.spectra = [fft.rfft2(ch, workers=-1) for ch in field_map]
-        box = np.ones((h, w))
-        var = sum(self._valid(self._corr(s, box)) for s in (fft.rfft2(ch**2, workers=-1) for ch in field_map))
-        means = [self._valid(self._corr(s, box)) for s in self.spectra]
-        self.denominator = np.maximum(var - sum(m**2 for m in means) / (h * w), 1e-9)
-
-    def _corr(self, spectrum: np.ndarray, template: np.ndarray) -> np.ndarray:
-        return fft.irfft2(
-            spectrum * fft.rfft2(template[::-1, ::-1], s=self.shape, workers=-1), s=self.shape, workers=-1
-        )
-
-    def _valid(self, full: np.ndarray) -> np.ndarray:
-        return full[self.h - 1 : self.H, self.w - 1 : self.W]
-
-    def scores(self, template: np.ndarray) -> np.ndarray:
-        """NCC of ``template`` at every top-left offset (H - h + 1, W - w + 1)."""
-        t = template - template.mean(axis=(1, 2), keepdims=True)
-        num = sum(self._valid(self._corr(s, ch)) for s, ch in zip(self.spectra, t, strict=True))
-        return num / np.sqrt(self.denominator * float((t**2).sum()) + 1e-12)
+    return grey if method == "gray-ncc" else orientation_field(grey, sigma)
 
 
 def best_offsets(scores: np.ndarray, k: int, separation: float) -> np.ndarray:
@@ -142,7 +112,7 @@ def bench_map(name: str, params: Any, sigma: float, ssl: bool, work: Path) -> li
     sources = {"same": m.rgb, **{d: rgb for d, (rgb, _) in domains.items()}}
     rows = []
     for method in METHODS:
-        corr = Correlator(field(m.rgb, method, sigma), view, view)
+        corr = NCC(field(m.rgb, method, sigma), view)
         for query, rgb in sources.items():
             t0 = time.perf_counter()
             found = [

@@ -1,4 +1,4 @@
-"""benchmarks/bench_orientation.py: dense template matching across dates (orientation correlation)."""
+"""benchmarks/bench_orientation.py and the library's NCC over fields: dense template matching across dates."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import yaml
 from rasterio.transform import from_origin
 
 from maprl.data.geo import utm_crs, write_map
+from maprl.eval.baselines import NCC
 
 from conftest import make_map
 
@@ -25,9 +26,9 @@ def _textured(size: int = 96, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("method", bo.METHODS)
 def test_a_crop_of_the_field_scores_one_at_its_offset_and_less_elsewhere(method: str) -> None:
     field = bo.field(_textured(), method, 1.5)
-    corr = bo.Correlator(field, 32, 32)
+    corr = NCC(field, 32)
     x, y = 41, 17
-    scores = corr.scores(field[:, y : y + 32, x : x + 32])
+    scores = corr.scores(field[..., y : y + 32, x : x + 32])
     assert scores.shape == (96 - 32 + 1, 96 - 32 + 1)
     assert scores[y, x] == pytest.approx(1.0, abs=1e-6)
     scores[y, x] = -np.inf
@@ -38,19 +39,23 @@ def test_a_crop_of_the_field_scores_one_at_its_offset_and_less_elsewhere(method:
 def test_a_photo_cut_from_the_map_is_found_at_its_place(method: str) -> None:
     rgb = _textured()
     x, y = 41, 17
-    scores = bo.Correlator(bo.field(rgb, method, 1.5), 32, 32).scores(
-        bo.field(rgb[y : y + 32, x : x + 32], method, 1.5)
-    )
+    scores = NCC(bo.field(rgb, method, 1.5), 32).scores(bo.field(rgb[y : y + 32, x : x + 32], method, 1.5))
     assert np.unravel_index(int(np.argmax(scores)), scores.shape) == (y, x)
     assert scores[y, x] > 0.9  # the photo's own gradients differ from the map's only at its border
+
+
+def test_a_one_channel_field_scores_as_its_grey_image() -> None:
+    grey = _textured().astype(np.float64).mean(axis=2)
+    template = grey[10:42, 20:52]
+    np.testing.assert_array_equal(NCC(grey[None], 32).scores(template[None]), NCC(grey, 32).scores(template))
 
 
 def test_orientation_ignores_an_inverted_contrast_that_defeats_grey_ncc() -> None:
     rgb = _textured(seed=4)
     x, y = 30, 50
     photo = 255 - rgb[y : y + 32, x : x + 32]  # another "date": every edge's contrast reversed
-    grey = bo.Correlator(bo.field(rgb, "gray-ncc", 1.5), 32, 32).scores(bo.field(photo, "gray-ncc", 1.5))
-    orient = bo.Correlator(bo.field(rgb, "orientation", 1.5), 32, 32).scores(bo.field(photo, "orientation", 1.5))
+    grey = NCC(bo.field(rgb, "gray-ncc", 1.5), 32).scores(bo.field(photo, "gray-ncc", 1.5))
+    orient = NCC(bo.field(rgb, "orientation", 1.5), 32).scores(bo.field(photo, "orientation", 1.5))
     assert grey[y, x] == pytest.approx(-1.0, abs=1e-6)
     assert np.unravel_index(int(np.argmax(orient)), orient.shape) == (y, x)
 
