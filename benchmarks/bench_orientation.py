@@ -23,8 +23,8 @@ test targets. With ``--ssl`` the pipeline's own encoder (``encode_map`` and ``ph
 with the params' heading search and the encode stage's stop threshold, as the pipeline and
 ``bench_stop`` embed photos) is measured on the same photos too::
 
-    python benchmarks/bench_orientation.py                 # NAIP and Landsat, the two matchers (~2 min)
-    python benchmarks/bench_orientation.py --ssl           # and the pipeline's encoder (~10 more min)
+    python benchmarks/bench_orientation.py                 # NAIP and Landsat, the two matchers (~1.5 min)
+    python benchmarks/bench_orientation.py --ssl           # and the pipeline's encoder (~5 min in all)
     python benchmarks/bench_orientation.py --quick         # tiny settings, a smoke test
 
 The photos here keep the map's heading (north up); a rotated photo needs the matcher run at
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from bench_stop import DATA, FULL, MAPS, QUICK, make_params
+from bench_stop import DATA, FULL, MAPS, QUICK, map_params
 from scipy import stats
 
 from maprl.data.fetch import run_fetch
@@ -171,12 +171,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for name in args.maps:
-        map_rel, query_rel = MAPS[name]
-        paths = [args.data / map_rel, *(args.data / q for q in query_rel.values())]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            sys.exit(f"missing {', '.join(missing)}: pass --data, the shared data folder")
-        params = make_params(base, paths[0], dict(zip(query_rel, paths[1:], strict=True)), overrides)
+        params = map_params(base, name, args.data, overrides)
         with tempfile.TemporaryDirectory(prefix=f"bench_orientation_{name}_") as work:
             rows.extend(bench_map(name, params, args.sigma, args.ssl, Path(work)))
     frame = pd.DataFrame(rows, columns=COLUMNS)

@@ -110,6 +110,16 @@ def make_params(
     return parse_params(raw, "bench_stop params")
 
 
+def map_params(base: dict[str, Any], name: str, data: Path, overrides: dict[str, dict[str, Any]]) -> Params:
+    """The params of map ``name`` of :data:`MAPS` read from ``data``; exits naming any missing raster."""
+    map_rel, query_rel = MAPS[name]
+    paths = [data / map_rel, *(data / q for q in query_rel.values())]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: pass --data, the shared data folder")
+    return make_params(base, paths[0], dict(zip(query_rel, paths[1:], strict=True)), overrides)
+
+
 def rule_rates(
     sims: np.ndarray, dist: np.ndarray, at_target: np.ndarray, threshold: np.ndarray, radius: float
 ) -> dict[str, Any]:
@@ -246,12 +256,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     base = yaml.safe_load(args.params.read_text())
     results, params = [], None
     for name in args.maps:
-        map_rel, query_rel = MAPS[name]
-        paths = [args.data / map_rel, *(args.data / q for q in query_rel.values())]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            sys.exit(f"missing {', '.join(missing)}: pass --data, the shared data folder")
-        params = make_params(base, paths[0], dict(zip(query_rel, paths[1:], strict=True)), overrides)
+        params = map_params(base, name, args.data, overrides)
         with tempfile.TemporaryDirectory(prefix=f"bench_stop_{name}_") as work:
             results.append(bench_map(name, params, args.rel_margin, Path(work)))
     assert params is not None

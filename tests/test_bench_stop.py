@@ -53,3 +53,9 @@ def test_quick_run_on_the_real_landsat_map(tmp_path: Path, capsys: pytest.Captur
     assert len(frame) == 4
     printed = capsys.readouterr().out
     assert "| landsat | y2000 | far-quantile |" in printed and "wall" in printed
+
+
+def test_map_params_names_the_missing_raster_and_the_fix(tmp_path: Path) -> None:
+    base = yaml.safe_load((bench_stop.REPO / "params.yaml").read_text())
+    with pytest.raises(SystemExit, match=r"missing .*naip_20200831\.tif.*pass --data"):
+        bench_stop.map_params(base, "naip", tmp_path, copy.deepcopy(bench_stop.QUICK))
