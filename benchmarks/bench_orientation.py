@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from bench_stop import DATA, FULL, MAPS, QUICK, map_params
+from bench_stop import FULL, QUICK, add_map_args, map_params
 from scipy import stats
 
 from maprl.data.fetch import run_fetch
@@ -58,7 +58,6 @@ from maprl.features.photos import target_photos
 from maprl.io import write_csv
 from maprl.views import view_origin
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("gray-ncc", "orientation")
 COLUMNS = ["map", "query", "method", "top1", "top1_lo", "top1_hi", "top3", "n_targets", "ms_per_photo"]
 
@@ -150,15 +149,12 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="see the module docstring for columns")
-    ap.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default: %(default)s)")
-    ap.add_argument("--maps", nargs="+", choices=sorted(MAPS), default=list(MAPS), help="maps to run")
+    add_map_args(ap)
     ap.add_argument("--quick", action="store_true", help="tiny settings (view 32 px, 40 targets)")
     ap.add_argument(
         "--sigma", type=float, default=1.5, help="Gaussian sigma before the gradient (default: %(default)s)"
     )
     ap.add_argument("--ssl", action="store_true", help="also measure the pipeline's SSL encoder on the same photos")
-    ap.add_argument("--params", type=Path, default=REPO / "params.yaml", help="base params (default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV (atomically)")
     return ap.parse_args(argv)
 
 

@@ -234,16 +234,21 @@ def header(args: argparse.Namespace, params: Params, results: list[MapResult]) -
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="see the module docstring for columns")
+def add_map_args(ap: argparse.ArgumentParser) -> None:
+    """The real-map benchmarks' shared options: --data, --maps, --params and --out."""
     ap.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default: %(default)s)")
     ap.add_argument("--maps", nargs="+", choices=sorted(MAPS), default=list(MAPS), help="maps to run")
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml", help="base params (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV (atomically)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="see the module docstring for columns")
+    add_map_args(ap)
     ap.add_argument("--quick", action="store_true", help="tiny settings (view 32 px, 2 SSL steps, 40 targets)")
     ap.add_argument("--ssl-steps", type=int, default=None, help="override encoder.ssl_steps")
     ap.add_argument("--rel-margin", type=float, default=None, help="margin of the relative rule (encoder.stop_margin)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    ap.add_argument("--params", type=Path, default=REPO / "params.yaml", help="base params (default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the table as CSV (atomically)")
     return ap.parse_args(argv)
 
 
