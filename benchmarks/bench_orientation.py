@@ -6,12 +6,12 @@ top-1 0.38 / 0.14 / 0.21 on 2018 / 2016 / 2014). Every method that flies to retr
 learned or not, is capped there. This benchmark measures, on the **same held-out test targets**
 (``bench_stop``'s maps and settings, hence the same tiling and seed), two classical template
 matchers that slide the photo over every pixel offset of the map, with no training (the library's
-FFT correlation, :class:`maprl.eval.baselines.NCC`, at full resolution):
+FFT correlation, :class:`maprl.features.matching.NCC`, at full resolution):
 
 * ``gray-ncc``: zero-mean normalised cross-correlation of the grey level, as the evaluate stage's
   template-matching oracle (which searches coarse to fine);
 * ``orientation``: the same correlation of the gradient's *double-angle* orientation field
-  (:func:`maprl.eval.baselines.orientation_field`, Gaussian sigma ``--sigma``). Doubling the
+  (:func:`maprl.features.matching.orientation_field`, Gaussian sigma ``--sigma``). Doubling the
   angle makes it blind to contrast sign and to any monotone change of brightness and colour, the
   changes between two dates of the same fields, while roads, field edges and shorelines keep
   their orientation.
@@ -51,7 +51,7 @@ from maprl.data.fetch import run_fetch
 from maprl.data.geo import read_map
 from maprl.data.splits import test_area
 from maprl.data.tile import read_domains, read_targets, run_tile
-from maprl.eval.baselines import NCC, orientation_field
+from maprl.features.matching import NCC, orientation_field
 from maprl.features.encode import encode_map, measure, photo_embeddings
 from maprl.features.memory import MapMemory
 from maprl.features.photos import target_photos

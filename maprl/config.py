@@ -229,6 +229,11 @@ class EncoderParams(_Section):
 
 class AgentParams(_Section):
     memory: Literal["retrieval", "none"] = Field("retrieval", description="Map memory fed to the policy.")
+    retriever: Literal["encoder", "orientation"] = Field(
+        "encoder",
+        description="Where the retrieval candidates come from: the encoder's map memory, or orientation "
+        "correlation of the photo's pixels over the whole map (no training; for photos of another date).",
+    )
     n_candidates: int = Field(3, ge=1, le=64, description="Retrieval candidates in the observation.")
     include_position: bool = True
     include_prev_action: bool = True

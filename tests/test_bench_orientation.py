@@ -14,7 +14,7 @@ import yaml
 from rasterio.transform import from_origin
 
 from maprl.data.geo import utm_crs, write_map
-from maprl.eval.baselines import NCC
+from maprl.features.matching import NCC
 
 from conftest import make_map
 

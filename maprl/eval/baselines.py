@@ -19,12 +19,12 @@ The episode ends through the env's own stop rule, exactly as for the agent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from scipy import fft as sfft
 
+from maprl.features.matching import NCC, block_mean, local_ncc
 from maprl.features.memory import MapMemory
 from maprl.nav.actions import fly_action
 
@@ -192,99 +192,6 @@ class RetrieveThenFly:
         return fly_action(core.pos, core.ep_cands[np.arange(core.n), k], core.step_px)
 
 
-def _block_mean(img: np.ndarray, f: int) -> np.ndarray:
-    h, w = img.shape[0] // f * f, img.shape[1] // f * f
-    return img[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
-
-
-def _window_sums(img: np.ndarray, v: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sums of ``img`` and ``img**2`` over every v x v window (valid positions)."""
-    out = []
-    for a in (img, img * img):
-        sat = np.zeros((a.shape[0] + 1, a.shape[1] + 1))
-        np.cumsum(np.cumsum(a, axis=0), axis=1, out=sat[1:, 1:])
-        out.append(sat[v:, v:] - sat[:-v, v:] - sat[v:, :-v] + sat[:-v, :-v])
-    return out[0], out[1]
-
-
-_FLAT = 0.25  # variance per pixel below which a window counts as flat (NCC 0)
-
-
-class NCC:
-    """Normalised cross-correlation of one template size against one image, via a cached FFT.
-
-    The image is (H, W) or a (C, H, W) field; a field's channels are correlated together (the
-    numerators and the window variances summed over channels), as for the two components of
-    :func:`orientation_field`. Only "valid" positions are wanted, so a circular correlation of
-    the image's own (fast) size is exact there: no padding to image + template.
-    """
-
-    def __init__(self, image: np.ndarray, v: int) -> None:
-        self.image, self.v = image, v
-        channels = image[None] if image.ndim == 2 else image
-        h, w = channels.shape[1:]
-        self.shape = (sfft.next_fast_len(h, real=True), sfft.next_fast_len(w, real=True))
-        self.specs = [sfft.rfft2(c, self.shape) for c in channels]
-        self.var = _channel_sum(_window_var(c, v) for c in channels)  # window sum of squared deviations
-
-    def scores(self, template: np.ndarray) -> np.ndarray:
-        """NCC at every top-left corner (H - v + 1, W - v + 1), in [-1, 1]; ``template`` (v, v) or (C, v, v)."""
-        v = self.v
-        t0 = template - (template.mean() if template.ndim == 2 else template.mean(axis=(1, 2), keepdims=True))
-        rows, cols = self.var.shape
-        num = _channel_sum(
-            sfft.irfft2(spec * np.conj(sfft.rfft2(t, self.shape)), self.shape)[:rows, :cols]
-            for spec, t in zip(self.specs, t0[None] if t0.ndim == 2 else t0, strict=True)
-        )
-        t_var = float(np.sum(t0 * t0))
-        flat = (self.var < _FLAT * v * v) | (t_var < _FLAT * v * v)  # under half a grey level of spread
-        return np.where(flat, 0.0, num / np.sqrt(np.maximum(self.var * t_var, 1e-12)))
-
-
-def _window_var(img: np.ndarray, v: int) -> np.ndarray:
-    s1, s2 = _window_sums(img, v)
-    return np.maximum(s2 - s1 * s1 / (v * v), 0.0)
-
-
-def _channel_sum(parts: Iterable[np.ndarray]) -> np.ndarray:
-    """The sum of per-channel arrays; one channel is returned as it is (no ``0 +``)."""
-    it = iter(parts)
-    total = next(it)
-    for part in it:
-        total = total + part
-    return total
-
-
-def orientation_field(grey: np.ndarray, sigma: float = 1.5) -> np.ndarray:
-    """(2, H, W) double-angle gradient orientation of a grey image, for :class:`NCC`.
-
-    Per pixel ``(gx + i gy)^2 / |gx + i gy|`` after a Gaussian of ``sigma`` px: the gradient's
-    orientation, doubled so that a reversed contrast gives the same value, weighted by the
-    square root of its magnitude. Correlating it matches the layout of edges (roads, field
-    boundaries, shorelines) and ignores monotone changes of brightness and colour, the changes
-    between two dates of the same place.
-    """
-    from scipy import ndimage
-
-    smooth = ndimage.gaussian_filter(np.asarray(grey, np.float64), sigma)
-    z = (ndimage.sobel(smooth, axis=1) + 1j * ndimage.sobel(smooth, axis=0)) ** 2
-    z = z / (np.abs(z) + 1e-9) * np.sqrt(np.abs(z))
-    return np.stack([z.real, z.imag])
-
-
-def _local_ncc(image: np.ndarray, template: np.ndarray, top: int, left: int, r: int) -> tuple[float, int, int]:
-    """Best NCC of ``template`` with its top-left corner within ``r`` px of (top, left)."""
-    v = template.shape[0]
-    y0, x0 = max(0, top - r), max(0, left - r)
-    y1, x1 = min(image.shape[0] - v, top + r), min(image.shape[1] - v, left + r)
-    if y1 < y0 or x1 < x0:
-        return -np.inf, top, left
-    patch = image[y0 : y1 + v, x0 : x1 + v]
-    s = NCC(patch, v).scores(template)
-    i, j = np.unravel_index(int(np.argmax(s)), s.shape)
-    return float(s[i, j]), y0 + int(i), x0 + int(j)
-
-
 class TemplateMatcher:
     """Full-map template matching by NCC: coarse FFT search, then a full-resolution refine.
 
@@ -300,7 +207,7 @@ class TemplateMatcher:
         self.factor = int(factor or max(1, min(4, v // 16)))
         self.grey = scene.map.rgb.astype(np.float64).mean(axis=2)
         self.vc = max(2, v // self.factor)
-        self.coarse = NCC(_block_mean(self.grey, self.factor), self.vc)
+        self.coarse = NCC(block_mean(self.grey, self.factor), self.vc)
         self.ok = self._coarse_valid(scene)
 
     def _coarse_valid(self, scene: Scene) -> np.ndarray:
@@ -328,10 +235,10 @@ class TemplateMatcher:
     def locate(self, photo: np.ndarray) -> tuple[float, float, float]:
         """(x, y, ncc) of the view centre that best matches ``photo`` (V, V, 3)."""
         t = photo.astype(np.float64).mean(axis=2)
-        tc = _block_mean(t, self.factor)[: self.vc, : self.vc]
+        tc = block_mean(t, self.factor)[: self.vc, : self.vc]
         best = (-np.inf, 0, 0)
         for i, j in self._peaks(self.coarse.scores(tc)):
-            cand = _local_ncc(self.grey, t, i * self.factor, j * self.factor, self.factor + 2)
+            cand = local_ncc(self.grey, t, i * self.factor, j * self.factor, self.factor + 2)
             if cand[0] > best[0]:
                 best = cand
         score, top, left = best

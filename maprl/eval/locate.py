@@ -128,7 +128,11 @@ def locate_photos(
         raise ValueError("locating photos needs the map memory")
     n = len(photos)
     emb = embedded if embedded is not None else embed_aligned(rt, photos, None)
-    cands, cand_sims = memory.query(emb.embeddings, max(2, top_k))
+    k = max(2, top_k)
+    if memory.matcher is not None:  # agent.retriever: orientation, as the agent's episodes get them
+        cands, cand_sims = memory.pixel_candidates(photos, emb.embeddings, k, sc.space.embed_at)
+    else:
+        cands, cand_sims = memory.query(emb.embeddings, k)
     starts = restart_starts(sc, restarts)
     placeholder = np.repeat(starts[:1], n, axis=0)  # no truth: the table needs some valid position
     xy = placeholder if truth_xy is None else np.asarray(truth_xy, float)

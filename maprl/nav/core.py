@@ -162,9 +162,15 @@ class NavCore:
         self.action_space = cfg.action_space()
         self.target_embs = scene.target_embeddings()
         self.targets_xy = scene.targets_xy
-        if cfg.retrieval and memory is not None:
-            self.cands, self.cand_sims = memory.query(self.target_embs, cfg.agent.n_candidates)
         k = cfg.agent.n_candidates
+        self.memory = memory if cfg.retrieval else None
+        self.pixels = self.memory is not None and self.memory.matcher is not None
+        if self.pixels:  # candidates from photo pixels: searched for a row when it first starts
+            self.cands = np.zeros((len(self.targets_xy), k, 2))
+            self.cand_sims = np.zeros((len(self.targets_xy), k), np.float32)
+            self.matched = np.zeros(len(self.targets_xy), bool)
+        elif cfg.retrieval and memory is not None:
+            self.cands, self.cand_sims = memory.query(self.target_embs, k)
         self.ep_cands = np.zeros((n, k, 2))  # this episode's candidates (decoy first, if any)
         self.cand_embs = np.zeros((n, k, scene.space.dim), np.float32)  # the map's view at each candidate
         self.cand_seen = np.full((n, k), -np.inf)  # best own similarity seen at each candidate
@@ -211,7 +217,19 @@ class NavCore:
         if self.cfg.retrieval:
             self._set_candidates(idx, rows, decoys)
 
+    def _match(self, rows: np.ndarray) -> None:
+        """Pixel candidates of the target rows not yet searched; each candidate's similarity is the
+        target embedding's to the map's view there, as the map memory would give it."""
+        todo = np.unique(rows[~self.matched[rows]]) if self.pixels else rows[:0]
+        if self.memory is None or len(todo) == 0:
+            return
+        photos = np.stack([self.scene.target_photo(int(r)) for r in todo])
+        k, embs, embed_at = self.cands.shape[1], self.target_embs[todo], self.scene.space.embed_at
+        self.cands[todo], self.cand_sims[todo] = self.memory.pixel_candidates(photos, embs, k, embed_at)
+        self.matched[todo] = True
+
     def _set_candidates(self, idx: np.ndarray, rows: np.ndarray, decoys: np.ndarray | None) -> None:
+        self._match(np.asarray(rows))
         cands = self.cands[rows].copy()
         if decoys is not None:
             has = ~np.isnan(np.asarray(decoys, float)).any(axis=1)

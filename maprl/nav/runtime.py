@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 
 from maprl.config import Params
-from maprl.data.geo import read_map
+from maprl.data.geo import MapData, read_map
 from maprl.data.splits import with_validation
 from maprl.data.tile import read_domains, read_targets
 from maprl.errors import InputError
-from maprl.features.cache import load_space
+from maprl.features.cache import MapSpace, load_space
+from maprl.features.matching import OrientationMatcher
 from maprl.features.memory import MapMemory
 from maprl.features.photos import Embedded, embed_photos, load_photo_embeddings, randomized_photos, target_photos
 from maprl.nav.core import NavConfig
@@ -106,6 +107,18 @@ def read_stop_threshold(features_dir: str | Path) -> float:
     return value
 
 
+def map_memory(params: Params, space: MapSpace, m: MapData) -> MapMemory:
+    """The map memory over the feature space's grid; with ``agent.retriever: orientation`` it carries an
+    :class:`OrientationMatcher` of the map's pixels (the encoder's heading search, candidates separated
+    by two success radii, as the memory's)."""
+    radius, view = params.evaluate.success_radius, params.tile.view_size
+    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
+    if params.agent.retriever == "orientation":
+        ok = valid_centres(m.valid, view)
+        memory.matcher = OrientationMatcher(m.rgb, ok, view, 2 * radius, params.encoder.heading_search)
+    return memory
+
+
 def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path) -> Runtime:
     """The scene in the encode stage's feature space, its map memory and the calibrated stop threshold."""
     m = read_map(map_path)
@@ -113,7 +126,7 @@ def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path,
     targets = with_validation(targets, params.train.val_fraction, params.base.seed)
     stop = read_stop_threshold(features_dir)
     space = load_space(features_dir, m)
-    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
+    memory = map_memory(params, space, m)
     view = params.tile.view_size
     photos, n_headings = load_photo_embeddings(features_dir, targets["id"].to_numpy())
     imagery = {"same": m.rgb, **{name: rgb for name, (rgb, _) in read_domains(map_path).items()}}
@@ -187,7 +200,7 @@ def load_map_runtime(params: Params, map_path: str | Path, features_dir: str | P
     m = read_map(map_path)
     stop = read_stop_threshold(features_dir)
     space = load_space(features_dir, m)
-    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
+    memory = map_memory(params, space, m)
     targets = pd.DataFrame({"id": np.zeros(0, np.int64), "x": np.zeros(0), "y": np.zeros(0), "split": []})
     scene = Scene(m, targets, space, params.tile.view_size, params.env.max_nodata)
     return Runtime(scene, memory, stop, n_headings=params.encoder.heading_search)

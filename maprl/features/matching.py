@@ -1,0 +1,227 @@
+"""Dense template matching: normalised cross-correlation (NCC) of a photo over every offset of a map.
+
+:class:`NCC` correlates one template size against one image by a cached FFT; the image may be a
+grey level or a multi-channel field. :func:`orientation_field` is the field that survives a change
+of date: the gradient's double-angle orientation. :class:`OrientationMatcher` uses both to find a
+photo's candidate places in a whole map, coarse to fine and at several headings, with no training:
+the map memory's pixel retriever (``agent.retriever: orientation``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import operator
+
+import numpy as np
+from scipy import fft as sfft
+from scipy import ndimage
+
+from maprl.data.perturb import rotate
+
+
+def block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    h, w = img.shape[0] // f * f, img.shape[1] // f * f
+    return img[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def _window_sums(img: np.ndarray, v: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of ``img`` and ``img**2`` over every v x v window (valid positions)."""
+    out = []
+    for a in (img, img * img):
+        sat = np.zeros((a.shape[0] + 1, a.shape[1] + 1))
+        np.cumsum(np.cumsum(a, axis=0), axis=1, out=sat[1:, 1:])
+        out.append(sat[v:, v:] - sat[:-v, v:] - sat[v:, :-v] + sat[:-v, :-v])
+    return out[0], out[1]
+
+
+_FLAT = 0.25  # variance per pixel below which a window counts as flat (NCC 0)
+
+
+_channel_sum = functools.partial(functools.reduce, operator.add)
+"""The sum of per-channel arrays; one channel is returned as it is (no ``0 +``)."""
+
+
+class NCC:
+    """Normalised cross-correlation of one template size against one image, via a cached FFT.
+
+    The image is (H, W) or a (C, H, W) field; a field's channels are correlated together (the
+    numerators and the window variances summed over channels), as for the two components of
+    :func:`orientation_field`. Only "valid" positions are wanted, so a circular correlation of
+    the image's own (fast) size is exact there: no padding to image + template.
+    """
+
+    def __init__(self, image: np.ndarray, v: int) -> None:
+        self.image, self.v = image, v
+        channels = image[None] if image.ndim == 2 else image
+        h, w = channels.shape[1:]
+        self.shape = (sfft.next_fast_len(h, real=True), sfft.next_fast_len(w, real=True))
+        self.specs = [sfft.rfft2(c, self.shape) for c in channels]
+        self.var = _channel_sum(_window_var(c, v) for c in channels)  # window sum of squared deviations
+
+    def scores(self, template: np.ndarray) -> np.ndarray:
+        """NCC at every top-left corner (H - v + 1, W - v + 1), in [-1, 1]; ``template`` (v, v) or (C, v, v)."""
+        v = self.v
+        t0 = template - (template.mean() if template.ndim == 2 else template.mean(axis=(1, 2), keepdims=True))
+        rows, cols = self.var.shape
+        num = _channel_sum(
+            sfft.irfft2(spec * np.conj(sfft.rfft2(t, self.shape)), self.shape)[:rows, :cols]
+            for spec, t in zip(self.specs, t0[None] if t0.ndim == 2 else t0, strict=True)
+        )
+        t_var = float(np.sum(t0 * t0))
+        flat = (self.var < _FLAT * v * v) | (t_var < _FLAT * v * v)  # under half a grey level of spread
+        return np.where(flat, 0.0, num / np.sqrt(np.maximum(self.var * t_var, 1e-12)))
+
+
+def _window_var(img: np.ndarray, v: int) -> np.ndarray:
+    s1, s2 = _window_sums(img, v)
+    return np.maximum(s2 - s1 * s1 / (v * v), 0.0)
+
+
+def orientation_field(grey: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    """(2, H, W) double-angle gradient orientation of a grey image, for :class:`NCC`.
+
+    Per pixel ``(gx + i gy)^2 / |gx + i gy|`` after a Gaussian of ``sigma`` px: the gradient's
+    orientation, doubled so that a reversed contrast gives the same value, weighted by the
+    square root of its magnitude. Correlating it matches the layout of edges (roads, field
+    boundaries, shorelines) and ignores monotone changes of brightness and colour, the changes
+    between two dates of the same place.
+    """
+    smooth = ndimage.gaussian_filter(np.asarray(grey, np.float64), sigma)
+    z = (ndimage.sobel(smooth, axis=1) + 1j * ndimage.sobel(smooth, axis=0)) ** 2
+    z = z / (np.abs(z) + 1e-9) * np.sqrt(np.abs(z))
+    return np.stack([z.real, z.imag])
+
+
+def local_ncc(image: np.ndarray, template: np.ndarray, top: int, left: int, r: int) -> tuple[float, int, int]:
+    """Best NCC of ``template`` with its top-left corner within ``r`` px of (top, left): (score, top, left).
+
+    ``image`` is (H, W) or a (C, H, W) field, ``template`` (v, v) or (C, v, v) to match."""
+    v = template.shape[-1]
+    h, w = image.shape[-2:]
+    y0, x0 = max(0, top - r), max(0, left - r)
+    y1, x1 = min(h - v, top + r), min(w - v, left + r)
+    if y1 < y0 or x1 < x0:
+        return -np.inf, top, left
+    patch = image[..., y0 : y1 + v, x0 : x1 + v]
+    s = NCC(patch, v).scores(template)
+    i, j = np.unravel_index(int(np.argmax(s)), s.shape)
+    return float(s[i, j]), y0 + int(i), x0 + int(j)
+
+
+def inscribed_side(view: int, factor: int) -> int:
+    """Side of the centred square that a view turned by any angle still covers, in whole ``factor`` blocks on
+    each side (so that its coarse crop is exact)."""
+    margin = factor * math.ceil((view - view / math.sqrt(2)) / (2 * factor))
+    return view - 2 * margin
+
+
+MATCH_MEMO = 100_000
+"""Answers an :class:`OrientationMatcher` remembers (one per photo and ``k``)."""
+
+
+class OrientationMatcher:
+    """Candidate places of photos in a whole map by orientation correlation: no training, no features.
+
+    The map's grey level and each photo become :func:`orientation_field` s. Coarse: the map is
+    block-averaged by ``factor``, and the photo, turned to each of ``headings`` equally spaced
+    headings (a heading off the quarter turns keeps only the photo's :func:`inscribed_side`
+    square), is correlated with it at every offset (:class:`NCC`, one FFT per heading). Fine: the
+    ``pool`` best coarse peaks over all headings, each more than ``min_separation`` from better ones
+    and on ``ok`` centres, are refined at full resolution within ``factor + 1`` px. The ``k`` best
+    refined peaks, again separated, are the candidates: view centres (x, y) and their NCC in [-1, 1].
+
+    ``ok`` (H, W) bool says which centres hold a whole valid view. Answers are remembered per photo
+    (every env built on one scene asks the same question), so a photo costs one search.
+    """
+
+    def __init__(
+        self,
+        rgb: np.ndarray,
+        ok: np.ndarray,
+        view: int,
+        min_separation: float,
+        headings: int = 1,
+        factor: int = 2,
+        sigma: float = 1.5,
+    ) -> None:
+        if headings < 1 or factor < 1 or view < 4 * factor:
+            raise ValueError(f"OrientationMatcher: headings >= 1, factor >= 1 and view >= 4 factor (got {headings}, "
+                             f"{factor}, {view})")  # fmt: skip
+        self.view, self.min_separation, self.factor, self.sigma = view, float(min_separation), factor, sigma
+        self.pool = 8
+        self.ok = np.asarray(ok, bool)
+        grey = np.asarray(rgb, np.float64).mean(axis=2)
+        self.fine = orientation_field(grey, sigma)
+        coarse = orientation_field(block_mean(grey, factor), sigma / factor)
+        self.angles = [360.0 * i / headings for i in range(headings)]
+        sides = {view if a % 90 == 0 else inscribed_side(view, factor) for a in self.angles}
+        self.coarse = {side: NCC(coarse, side // factor) for side in sorted(sides)}
+        self._answers: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _templates(self, photo: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+        """The photo at ``angle``: its fine and coarse fields, cropped to the side this heading correlates."""
+        grey = rotate(np.asarray(photo, np.float64), angle).mean(axis=2)
+        side = self.view if angle % 90 == 0 else inscribed_side(self.view, self.factor)
+        m, f = (self.view - side) // 2, self.factor
+        fine = orientation_field(grey, self.sigma)[:, m : m + side, m : m + side]
+        a, b = m // f, (m + side) // f
+        coarse = orientation_field(block_mean(grey, f), self.sigma / f)[:, a:b, a:b]
+        return fine, coarse
+
+    def _centre(self, top: np.ndarray | int, left: np.ndarray | int, side: int) -> tuple[np.ndarray, np.ndarray]:
+        """View centres (x, y) of the photo whose ``side`` crop has its top-left corner at (top, left)."""
+        m = (self.view - side) // 2
+        return np.asarray(left) - m + self.view // 2, np.asarray(top) - m + self.view // 2
+
+    def _coarse_peaks(self, coarse: np.ndarray, pool: int) -> list[tuple[float, int, int]]:
+        """Up to ``pool`` separated coarse peaks (score, top, left at full resolution) on valid centres."""
+        side, f = coarse.shape[-1] * self.factor, self.factor
+        s = self.coarse[side].scores(coarse)
+        ii, jj = np.mgrid[0 : s.shape[0], 0 : s.shape[1]]
+        x, y = self._centre(ii * f, jj * f, side)
+        inside = (x >= 0) & (y >= 0) & (x < self.ok.shape[1]) & (y < self.ok.shape[0])
+        s = np.where(inside, s, -np.inf)
+        s[inside] = np.where(self.ok[y[inside], x[inside]], s[inside], -np.inf)
+        r = max(1, int(self.min_separation // f))
+        out = []
+        for _ in range(pool):
+            i, j = np.unravel_index(int(np.argmax(s)), s.shape)
+            if not np.isfinite(s[i, j]):
+                break
+            out.append((float(s[i, j]), int(i) * f, int(j) * f))
+            s[max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1] = -np.inf
+        return out
+
+    def _search(self, photo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        peaks = []  # (coarse score, fine template, top, left)
+        for angle in self.angles:
+            fine, coarse = self._templates(photo, angle)
+            peaks += [(sc, fine, top, left) for sc, top, left in self._coarse_peaks(coarse, self.pool)]
+        peaks.sort(key=lambda p: -p[0])
+        refined = []
+        for _, fine, top, left in peaks[: self.pool]:
+            score, t, lft = local_ncc(self.fine, fine, top, left, self.factor + 1)
+            x, y = self._centre(t, lft, fine.shape[-1])
+            refined.append((score, float(x), float(y)))
+        refined.sort(key=lambda r: -r[0])
+        chosen: list[tuple[float, float, float]] = []
+        for r in refined:
+            if all(math.hypot(r[1] - c[1], r[2] - c[2]) > self.min_separation for c in chosen):
+                chosen.append(r)
+        chosen = (chosen or [(-1.0, self.ok.shape[1] / 2, self.ok.shape[0] / 2)])[:k]
+        chosen += [chosen[-1]] * (k - len(chosen))  # too few distinct places: repeat the last
+        return np.array([(c[1], c[2]) for c in chosen]), np.array([c[0] for c in chosen])
+
+    def query(self, photos: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` separated candidates of each photo (N, V, V, 3): centres (N, k, 2) and NCC scores (N, k)."""
+        pos, scores = np.zeros((len(photos), k, 2)), np.zeros((len(photos), k))
+        for n, photo in enumerate(photos):
+            key = (hashlib.blake2b(np.ascontiguousarray(photo).tobytes(), digest_size=16).digest(), k)
+            if key not in self._answers:
+                if len(self._answers) >= MATCH_MEMO:
+                    self._answers.pop(next(iter(self._answers)))
+                self._answers[key] = self._search(photo, k)
+            pos[n], scores[n] = self._answers[key]
+        return pos, scores
