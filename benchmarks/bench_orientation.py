@@ -51,8 +51,8 @@ from maprl.data.fetch import run_fetch
 from maprl.data.geo import read_map
 from maprl.data.splits import test_area
 from maprl.data.tile import read_domains, read_targets, run_tile
-from maprl.features.matching import NCC, orientation_field
 from maprl.features.encode import encode_map, measure, photo_embeddings
+from maprl.features.matching import NCC, orientation_field
 from maprl.features.memory import MapMemory
 from maprl.features.photos import target_photos
 from maprl.io import write_csv

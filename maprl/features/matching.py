@@ -160,24 +160,24 @@ class OrientationMatcher:
         self.coarse = {side: NCC(coarse, side // factor) for side in sorted(sides)}
         self._answers: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def _templates(self, photo: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
-        """The photo at ``angle``: its fine and coarse fields, cropped to the side this heading correlates."""
+    def _templates(self, photo: np.ndarray, angle: float) -> tuple[int, np.ndarray, np.ndarray]:
+        """The photo at ``angle``: the side this heading correlates, and its fine and coarse fields cropped to it."""
         grey = rotate(np.asarray(photo, np.float64), angle).mean(axis=2)
         side = self.view if angle % 90 == 0 else inscribed_side(self.view, self.factor)
         m, f = (self.view - side) // 2, self.factor
         fine = orientation_field(grey, self.sigma)[:, m : m + side, m : m + side]
         a, b = m // f, (m + side) // f
         coarse = orientation_field(block_mean(grey, f), self.sigma / f)[:, a:b, a:b]
-        return fine, coarse
+        return side, fine, coarse
 
     def _centre(self, top: np.ndarray | int, left: np.ndarray | int, side: int) -> tuple[np.ndarray, np.ndarray]:
         """View centres (x, y) of the photo whose ``side`` crop has its top-left corner at (top, left)."""
         m = (self.view - side) // 2
         return np.asarray(left) - m + self.view // 2, np.asarray(top) - m + self.view // 2
 
-    def _coarse_peaks(self, coarse: np.ndarray, pool: int) -> list[tuple[float, int, int]]:
+    def _coarse_peaks(self, side: int, coarse: np.ndarray, pool: int) -> list[tuple[float, int, int]]:
         """Up to ``pool`` separated coarse peaks (score, top, left at full resolution) on valid centres."""
-        side, f = coarse.shape[-1] * self.factor, self.factor
+        f = self.factor
         s = self.coarse[side].scores(coarse)
         ii, jj = np.mgrid[0 : s.shape[0], 0 : s.shape[1]]
         x, y = self._centre(ii * f, jj * f, side)
@@ -197,8 +197,8 @@ class OrientationMatcher:
     def _search(self, photo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         peaks = []  # (coarse score, fine template, top, left)
         for angle in self.angles:
-            fine, coarse = self._templates(photo, angle)
-            peaks += [(sc, fine, top, left) for sc, top, left in self._coarse_peaks(coarse, self.pool)]
+            side, fine, coarse = self._templates(photo, angle)
+            peaks += [(sc, fine, top, left) for sc, top, left in self._coarse_peaks(side, coarse, self.pool)]
         peaks.sort(key=lambda p: -p[0])
         refined = []
         for _, fine, top, left in peaks[: self.pool]:

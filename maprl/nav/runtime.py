@@ -111,12 +111,19 @@ def map_memory(params: Params, space: MapSpace, m: MapData) -> MapMemory:
     """The map memory over the feature space's grid; with ``agent.retriever: orientation`` it carries an
     :class:`OrientationMatcher` of the map's pixels (the encoder's heading search, candidates separated
     by two success radii, as the memory's)."""
-    radius, view = params.evaluate.success_radius, params.tile.view_size
-    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * radius)
+    memory = MapMemory(space.grid_positions(), space.grid_embeddings(), 2 * params.evaluate.success_radius)
     if params.agent.retriever == "orientation":
-        ok = valid_centres(m.valid, view)
-        memory.matcher = OrientationMatcher(m.rgb, ok, view, 2 * radius, params.encoder.heading_search)
+        memory.matcher = pixel_matcher(params, m)
     return memory
+
+
+def pixel_matcher(params: Params, m: MapData) -> OrientationMatcher:
+    """The map's :class:`OrientationMatcher` as ``agent.retriever: orientation`` uses it: the encoder's heading
+    search, candidates two success radii apart, the coarse search at 1/``view // 64`` (at least 1/2)."""
+    view = params.tile.view_size
+    ok = valid_centres(m.valid, view)
+    radius = params.evaluate.success_radius
+    return OrientationMatcher(m.rgb, ok, view, 2 * radius, params.encoder.heading_search, max(2, view // 64))
 
 
 def load_runtime(params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path) -> Runtime:
