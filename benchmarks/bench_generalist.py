@@ -23,10 +23,11 @@ training seeds ``base.seed + i``; the maps, targets, features and episodes stay 
 ``base.seed``. The table then gives per method the IQM over the seeds with a 95 % stratified-bootstrap
 interval (rliable, as ``maprl report`` and ``bench_search.py``); the baselines do not learn and give one
 value. ``--specific none`` leaves out the pipeline's searcher (with ``--worlds 1`` the generalist *is*
-that searcher, retrained)::
+that searcher, retrained). ``--retriever orientation`` gives every map (training and test) the pixel
+retriever (``agent.retriever: orientation``), baselines and agents alike::
 
     python benchmarks/bench_generalist.py --worlds 1 --held-out 0 --naip ../shared/data/naip-nd \\
-        --seeds 3 --specific none
+        --seeds 3 --specific none [--retriever orientation]
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def naip_runtime(params: Params, work: Path) -> Runtime:
 def run(args: argparse.Namespace) -> pd.DataFrame:
     params = load_params(args.params, stage="train")
     params = params.model_copy(update={"train": params.train.model_copy(update={"worlds": args.worlds})})
+    if args.retriever is not None:
+        params = params.model_copy(update={"agent": params.agent.model_copy(update={"retriever": args.retriever})})
     hparams = load_best_hparams(BEST) if params.train.hparams == "tuned" else None
     rt = load_runtime(params, MAP, TARGETS, FEATURES)
     work: Path = args.work
@@ -218,6 +221,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1, help="training seeds base.seed + 0..N-1 of every learned policy")
     ap.add_argument("--finetune", type=int, default=100_000, help="timesteps of fine-tuning on NAIP (init_from)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/generalist"), help="worlds, policies and rows.csv")
+    ap.add_argument(
+        "--retriever",
+        choices=("encoder", "orientation"),
+        default=None,
+        help="agent.retriever of every map, for training and testing alike (default: the params')",
+    )
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error(f"--seeds {args.seeds}: must be at least 1")
@@ -226,6 +235,7 @@ def main() -> None:
     write_csv(args.work / "rows.csv", rows)
     print(f"\n# bench_generalist: train.worlds {args.worlds}, {args.held_out} held-out worlds, "
           f"NAIP {'yes' if args.naip else 'no'}; {args.seeds} training seed(s); "
+          f"retriever {args.retriever or 'params'}; "
           f"{time.perf_counter() - t0:.0f} s wall\n")  # fmt: skip
     print(table(rows))
 

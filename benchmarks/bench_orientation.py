@@ -27,8 +27,10 @@ with the params' heading search and the encode stage's stop threshold, as the pi
     python benchmarks/bench_orientation.py --ssl           # and the pipeline's encoder (~5 min in all)
     python benchmarks/bench_orientation.py --quick         # tiny settings, a smoke test
 
-The photos here keep the map's heading (north up); a rotated photo needs the matcher run at
-several headings, as ``encoder.heading_search`` does for the encoder.
+The two dense matchers above keep the map's heading (north up) and search at full resolution. The
+pipeline's own pixel retriever (``agent.retriever: orientation``, :func:`maprl.nav.runtime.pixel_matcher`)
+is measured on the same photos too: the same correlation, coarse to fine, at the params'
+``encoder.heading_search`` headings (it does not know the photo is north up).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from maprl.features.matching import NCC, orientation_field
 from maprl.features.memory import MapMemory
 from maprl.features.photos import target_photos
 from maprl.io import write_csv
+from maprl.nav.runtime import pixel_matcher
 from maprl.views import view_origin
 
 METHODS = ("gray-ncc", "orientation")
@@ -120,6 +123,14 @@ def bench_map(name: str, params: Any, sigma: float, ssl: bool, work: Path) -> li
             ms = 1000 * (time.perf_counter() - t0) / max(len(found), 1)
             dist = np.linalg.norm(np.stack(found) - truth[:, None, :], axis=2)  # (T, 3)
             rows.append(row(name, query, method, dist[:, 0] <= radius, (dist <= radius).any(axis=1), ms))
+    matcher = pixel_matcher(params, m)
+    method = f"orientation matcher (agent.retriever; {len(matcher.angles)} headings, coarse 1/{matcher.factor})"
+    for query, rgb in sources.items():
+        t0 = time.perf_counter()
+        cand, _ = matcher.query(target_photos(rgb, xy, view), 3)
+        ms = 1000 * (time.perf_counter() - t0) / max(len(cand), 1)
+        dist = np.linalg.norm(cand - xy[:, None, :], axis=2)
+        rows.append(row(name, query, method, dist[:, 0] <= radius, (dist <= radius).any(axis=1), ms))
     if ssl:
         forbidden = test_area(targets, (m.height, m.width), view, params.tile.block_size)
         space, _ = encode_map(params.encoder, m, view, params.base.seed, domains, forbidden)

@@ -87,10 +87,13 @@ def test_bench_map_on_a_tiny_geotiff(tmp_path: Path) -> None:
     base = yaml.safe_load((bench_stop.REPO / "params.yaml").read_text())
     params = bench_stop.make_params(base, paths[0], {"later": paths[1]}, copy.deepcopy(bench_stop.QUICK))
     frame = pd.DataFrame(bo.bench_map("tiny", params, 1.0, False, tmp_path / "work"), columns=bo.COLUMNS)
-    assert list(frame["method"]) == ["gray-ncc", "gray-ncc", "orientation", "orientation"]
-    assert list(frame["query"]) == ["same", "later"] * 2
+    pipeline = frame["method"].iat[-1]
+    assert pipeline.startswith("orientation matcher (agent.retriever;")
+    assert list(frame["method"]) == ["gray-ncc", "gray-ncc", "orientation", "orientation", pipeline, pipeline]
+    assert list(frame["query"]) == ["same", "later"] * 3
     by = frame.set_index(["method", "query"])
     assert by.loc[("orientation", "same"), "top1"] == 1.0 and by.loc[("gray-ncc", "same"), "top1"] == 1.0
     assert by.loc[("orientation", "later"), "top1"] > by.loc[("gray-ncc", "later"), "top1"]
+    assert by.loc[(pipeline, "later"), "top1"] > by.loc[("gray-ncc", "later"), "top1"]
     assert (frame["top3"] >= frame["top1"]).all() and (frame["n_targets"] > 0).all()
     assert "| tiny | later | orientation |" in bo.markdown(frame)

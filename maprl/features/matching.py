@@ -127,10 +127,11 @@ class OrientationMatcher:
     The map's grey level and each photo become :func:`orientation_field` s. Coarse: the map is
     block-averaged by ``factor``, and the photo, turned to each of ``headings`` equally spaced
     headings (a heading off the quarter turns keeps only the photo's :func:`inscribed_side`
-    square), is correlated with it at every offset (:class:`NCC`, one FFT per heading). Fine: the
-    ``pool`` best coarse peaks over all headings, each more than ``min_separation`` from better ones
-    and on ``ok`` centres, are refined at full resolution within ``factor + 1`` px. The ``k`` best
-    refined peaks, again separated, are the candidates: view centres (x, y) and their NCC in [-1, 1].
+    square), is correlated with it at every offset (:class:`NCC` in single precision, one FFT per
+    heading). Fine: the ``pool`` best coarse peaks over all headings, each more than
+    ``min_separation`` from better ones and on ``ok`` centres, are refined at full resolution within
+    ``factor + 1`` px. The ``k`` best refined peaks, again separated, are the candidates: view
+    centres (x, y) and their NCC in [-1, 1].
 
     ``ok`` (H, W) bool says which centres hold a whole valid view. Answers are remembered per photo
     (every env built on one scene asks the same question), so a photo costs one search.
@@ -154,20 +155,21 @@ class OrientationMatcher:
         self.ok = np.asarray(ok, bool)
         grey = np.asarray(rgb, np.float64).mean(axis=2)
         self.fine = orientation_field(grey, sigma)
-        coarse = orientation_field(block_mean(grey, factor), sigma / factor)
+        coarse = orientation_field(block_mean(grey, factor), sigma / factor).astype(np.float32)  # single-precision FFTs
         self.angles = [360.0 * i / headings for i in range(headings)]
         sides = {view if a % 90 == 0 else inscribed_side(view, factor) for a in self.angles}
         self.coarse = {side: NCC(coarse, side // factor) for side in sorted(sides)}
+        self.usable = {side: self._usable(side) for side in self.coarse}
         self._answers: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def _templates(self, photo: np.ndarray, angle: float) -> tuple[int, np.ndarray, np.ndarray]:
         """The photo at ``angle``: the side this heading correlates, and its fine and coarse fields cropped to it."""
-        grey = rotate(np.asarray(photo, np.float64), angle).mean(axis=2)
+        grey = rotate(np.asarray(photo, np.float64).mean(axis=2, keepdims=True), angle)[..., 0]
         side = self.view if angle % 90 == 0 else inscribed_side(self.view, self.factor)
         m, f = (self.view - side) // 2, self.factor
         fine = orientation_field(grey, self.sigma)[:, m : m + side, m : m + side]
         a, b = m // f, (m + side) // f
-        coarse = orientation_field(block_mean(grey, f), self.sigma / f)[:, a:b, a:b]
+        coarse = orientation_field(block_mean(grey, f), self.sigma / f)[:, a:b, a:b].astype(np.float32)
         return side, fine, coarse
 
     def _centre(self, top: np.ndarray | int, left: np.ndarray | int, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,15 +177,20 @@ class OrientationMatcher:
         m = (self.view - side) // 2
         return np.asarray(left) - m + self.view // 2, np.asarray(top) - m + self.view // 2
 
+    def _usable(self, side: int) -> np.ndarray:
+        """Which coarse offsets of a ``side`` crop put the photo's centre on an ``ok`` centre."""
+        f = self.factor
+        ii, jj = np.mgrid[0 : self.coarse[side].var.shape[0], 0 : self.coarse[side].var.shape[1]]
+        x, y = self._centre(ii * f, jj * f, side)
+        inside = (x >= 0) & (y >= 0) & (x < self.ok.shape[1]) & (y < self.ok.shape[0])
+        out = np.zeros(ii.shape, bool)
+        out[inside] = self.ok[y[inside], x[inside]]
+        return out
+
     def _coarse_peaks(self, side: int, coarse: np.ndarray, pool: int) -> list[tuple[float, int, int]]:
         """Up to ``pool`` separated coarse peaks (score, top, left at full resolution) on valid centres."""
         f = self.factor
-        s = self.coarse[side].scores(coarse)
-        ii, jj = np.mgrid[0 : s.shape[0], 0 : s.shape[1]]
-        x, y = self._centre(ii * f, jj * f, side)
-        inside = (x >= 0) & (y >= 0) & (x < self.ok.shape[1]) & (y < self.ok.shape[0])
-        s = np.where(inside, s, -np.inf)
-        s[inside] = np.where(self.ok[y[inside], x[inside]], s[inside], -np.inf)
+        s = np.where(self.usable[side], self.coarse[side].scores(coarse), -np.inf)
         r = max(1, int(self.min_separation // f))
         out = []
         for _ in range(pool):
