@@ -159,10 +159,10 @@ def tables(root: Path) -> dict[str, str]:
 
 def render(readme: str, blocks: dict[str, str]) -> str:
     for name, body in blocks.items():
-        pattern = re.compile(
-            rf"(<!-- results:{re.escape(name)}:start -->\n).*?(\n<!-- results:{re.escape(name)}:end -->)", re.S
+        pattern = re.compile(  # an empty block (start and end marks on adjacent lines) is filled too
+            rf"(<!-- results:{re.escape(name)}:start -->\n)(?:.*?\n)?(<!-- results:{re.escape(name)}:end -->)", re.S
         )
-        readme = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), readme)
+        readme = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), readme)
     return readme
 
 

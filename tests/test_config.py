@@ -90,6 +90,19 @@ def test_readme_params_table_is_current() -> None:
     assert block == params_table(), "README params table is stale: run `maprl params-table`"
 
 
+def test_readme_results_fills_an_empty_block_and_replaces_a_full_one() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", REPO / "scripts" / "readme_results.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    empty = "a\n<!-- results:x:start -->\n<!-- results:x:end -->\nb"
+    full = "a\n<!-- results:x:start -->\n| old |\n| rows |\n<!-- results:x:end -->\nb"
+    want = "a\n<!-- results:x:start -->\n| new |\n<!-- results:x:end -->\nb"
+    assert mod.render(empty, {"x": "| new |"}) == want and mod.render(full, {"x": "| new |"}) == want
+
+
 def test_readme_result_tables_are_the_committed_metrics() -> None:
     """scripts/readme_results.py writes the README's result tables from metrics/*.json; they must agree."""
     proc = subprocess.run(

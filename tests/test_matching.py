@@ -90,7 +90,7 @@ def test_bad_settings_name_the_limits(world: tuple[np.ndarray, np.ndarray]) -> N
 
 def test_the_env_takes_its_candidates_from_the_photo_pixels_with_retriever_orientation() -> None:
     """A photo from another "date" (reversed contrast): the encoder's memory may miss it, the pixel
-    retriever puts its place first, and the candidate's similarity is the encoder's there."""
+    retriever puts its place first, and the candidates' similarities are the matcher's scores."""
     from maprl.nav.core import NavConfig, NavCore
     from maprl.nav.runtime import pooled_memory
     from maprl.nav.scene import Scene
@@ -106,8 +106,8 @@ def test_the_env_takes_its_candidates_from_the_photo_pixels_with_retriever_orien
     core = NavCore(scene, 3, NavConfig.of(memory="retrieval", n_candidates=2), memory)
     core.reset_agents(np.arange(3), np.arange(3), np.full((3, 2), 96.0))
     assert found(core.ep_cands, xy).all()
-    first = scene.space.embed_at(core.ep_cands[:, 0, 0], core.ep_cands[:, 0, 1])
-    np.testing.assert_allclose(core.cand_sims[:, 0], np.sum(first * scene.target_embeddings(), axis=1), rtol=1e-5)
+    np.testing.assert_allclose(core.cand_sims, memory.matcher.query(photos, 2)[1], rtol=1e-6)
+    assert (core.cand_sims[:, 0] > 0.5).all() and (core.cand_sims[:, 0] >= core.cand_sims[:, 1]).all()
 
 
 def test_params_choose_the_retriever_and_reject_others() -> None:

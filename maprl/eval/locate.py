@@ -130,7 +130,7 @@ def locate_photos(
     emb = embedded if embedded is not None else embed_aligned(rt, photos, None)
     k = max(2, top_k)
     if memory.matcher is not None:  # agent.retriever: orientation, as the agent's episodes get them
-        cands, cand_sims = memory.pixel_candidates(photos, emb.embeddings, k, sc.space.embed_at)
+        cands, cand_sims = memory.matcher.query(photos, k)
     else:
         cands, cand_sims = memory.query(emb.embeddings, k)
     starts = restart_starts(sc, restarts)

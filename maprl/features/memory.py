@@ -11,16 +11,15 @@ them scanned per query), whose cost grows far slower with the map's area; on lar
 answers a query in milliseconds (see ``benchmarks/bench_scale.py`` for its recall).
 
 A memory may carry a ``matcher`` (:class:`~maprl.features.matching.OrientationMatcher`,
-``agent.retriever: orientation``): then an episode's candidates come from the photo's pixels
-instead of its embedding (the navigation core asks it), while the embeddings still choose the
-photo's heading and give each candidate's similarity.
+``agent.retriever: orientation``): then an episode's candidates and their scores (NCC of the
+orientation fields) come from the photo's pixels instead of its embedding (the navigation core
+asks it), while the embeddings still choose the photo's heading for everything else.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -120,18 +119,6 @@ class MapMemory:
             self._answers[key] = self._query(emb, k, pool)
         pos, sims = self._answers[key]
         return pos.copy(), sims.copy()
-
-    def pixel_candidates(
-        self, photos: np.ndarray, emb: np.ndarray, k: int, embed_at: Callable[[np.ndarray, np.ndarray], np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``matcher``'s top-``k`` candidates of (N, V, V, 3) ``photos``: positions (N, k, 2) and, as
-        :meth:`query` gives them, similarities (N, k) of each photo's embedding (``emb``, (N, D)) to the
-        map's view at each candidate (``embed_at(xs, ys)``, the feature space's lookup)."""
-        if self.matcher is None:
-            raise ValueError("pixel candidates need a matcher (agent.retriever: orientation)")
-        pos, _ = self.matcher.query(photos, k)
-        views = embed_at(pos[..., 0].ravel(), pos[..., 1].ravel()).reshape(*pos.shape[:2], -1)
-        return pos, np.einsum("nkd,nd->nk", views, np.atleast_2d(emb)).astype(np.float32)
 
     def _query(self, emb: np.ndarray, k: int, pool: int) -> tuple[np.ndarray, np.ndarray]:
         if self.index is not None:

@@ -218,14 +218,13 @@ class NavCore:
             self._set_candidates(idx, rows, decoys)
 
     def _match(self, rows: np.ndarray) -> None:
-        """Pixel candidates of the target rows not yet searched; each candidate's similarity is the
-        target embedding's to the map's view there, as the map memory would give it."""
+        """Pixel candidates of the target rows not yet searched, with the matcher's scores as their
+        similarities (NCC in [-1, 1], shown as they are: not relative to the encoder's stop threshold)."""
         todo = np.unique(rows[~self.matched[rows]]) if self.pixels else rows[:0]
-        if self.memory is None or len(todo) == 0:
+        if self.memory is None or self.memory.matcher is None or len(todo) == 0:
             return
         photos = np.stack([self.scene.target_photo(int(r)) for r in todo])
-        k, embs, embed_at = self.cands.shape[1], self.target_embs[todo], self.scene.space.embed_at
-        self.cands[todo], self.cand_sims[todo] = self.memory.pixel_candidates(photos, embs, k, embed_at)
+        self.cands[todo], self.cand_sims[todo] = self.memory.matcher.query(photos, self.cands.shape[1])
         self.matched[todo] = True
 
     def _set_candidates(self, idx: np.ndarray, rows: np.ndarray, decoys: np.ndarray | None) -> None:
@@ -343,7 +342,7 @@ class NavCore:
                     (cands - half) / half,
                     offset / half,
                     np.clip(offset / self.step_px, -2, 2),
-                    top[..., None] - off,
+                    top[..., None] - (0.0 if self.pixels else off),  # pixel scores are no encoder cosines
                     self.visited[idx, :, None],
                 ],
                 axis=2,
