@@ -26,6 +26,7 @@ with the params' heading search and the encode stage's stop threshold, as the pi
     python benchmarks/bench_orientation.py                 # NAIP and Landsat, the two matchers (~1.5 min)
     python benchmarks/bench_orientation.py --ssl           # and the pipeline's encoder (~5 min in all)
     python benchmarks/bench_orientation.py --quick         # tiny settings, a smoke test
+    python benchmarks/bench_orientation.py --headings 1    # the pipeline's matcher at one heading (north-up)
 
 The two dense matchers above keep the map's heading (north up) and search at full resolution. The
 pipeline's own pixel retriever (``agent.retriever: orientation``, :func:`maprl.nav.runtime.pixel_matcher`)
@@ -166,6 +167,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sigma", type=float, default=1.5, help="Gaussian sigma before the gradient (default: %(default)s)"
     )
     ap.add_argument("--ssl", action="store_true", help="also measure the pipeline's SSL encoder on the same photos")
+    ap.add_argument(
+        "--headings", type=int, default=None, help="encoder.heading_search for the pipeline's matcher (default: params)"
+    )
     return ap.parse_args(argv)
 
 
@@ -173,7 +177,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     if not np.isfinite(args.sigma) or args.sigma <= 0:
         sys.exit(f"--sigma {args.sigma}: must be a positive finite number")
+    if args.headings is not None and not 1 <= args.headings <= 36:
+        sys.exit(f"--headings {args.headings}: must be 1 to 36 (encoder.heading_search)")
     overrides = copy.deepcopy(QUICK if args.quick else FULL)
+    if args.headings is not None:  # the SSL encoder (--ssl) searches as many headings as the matcher
+        overrides.setdefault("encoder", {})["heading_search"] = args.headings
     base = yaml.safe_load(args.params.read_text())
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
