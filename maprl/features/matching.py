@@ -19,6 +19,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from maprl.data.perturb import rotate
+from maprl.views import window_sums
 
 
 def block_mean(img: np.ndarray, f: int) -> np.ndarray:
@@ -32,7 +33,7 @@ def _window_sums(img: np.ndarray, v: int) -> tuple[np.ndarray, np.ndarray]:
     for a in (img, img * img):
         sat = np.zeros((a.shape[0] + 1, a.shape[1] + 1))
         np.cumsum(np.cumsum(a, axis=0), axis=1, out=sat[1:, 1:])
-        out.append(sat[v:, v:] - sat[:-v, v:] - sat[v:, :-v] + sat[:-v, :-v])
+        out.append(window_sums(sat, v))
     return out[0], out[1]
 
 
@@ -119,6 +120,8 @@ def inscribed_side(view: int, factor: int) -> int:
 
 MATCH_MEMO = 100_000
 """Answers an :class:`OrientationMatcher` remembers (one per photo and ``k``)."""
+REFINE_POOL = 8
+"""Coarse peaks an :class:`OrientationMatcher` keeps per heading, and refines over all headings."""
 
 
 class OrientationMatcher:
@@ -128,7 +131,7 @@ class OrientationMatcher:
     block-averaged by ``factor``, and the photo, turned to each of ``headings`` equally spaced
     headings (a heading off the quarter turns keeps only the photo's :func:`inscribed_side`
     square), is correlated with it at every offset (:class:`NCC` in single precision, one FFT per
-    heading). Fine: the ``pool`` best coarse peaks over all headings, each more than
+    heading). Fine: the ``REFINE_POOL`` best coarse peaks over all headings, each more than
     ``min_separation`` from better ones and on ``ok`` centres, are refined at full resolution within
     ``factor + 1`` px. The ``k`` best refined peaks, again separated, are the candidates: view
     centres (x, y) and their NCC in [-1, 1].
@@ -151,7 +154,6 @@ class OrientationMatcher:
             raise ValueError(f"OrientationMatcher: headings >= 1, factor >= 1 and view >= 4 factor (got {headings}, "
                              f"{factor}, {view})")  # fmt: skip
         self.view, self.min_separation, self.factor, self.sigma = view, float(min_separation), factor, sigma
-        self.pool = 8
         self.ok = np.asarray(ok, bool)
         grey = np.asarray(rgb, np.float64).mean(axis=2)
         self.fine = orientation_field(grey, sigma)
@@ -205,10 +207,10 @@ class OrientationMatcher:
         peaks = []  # (coarse score, fine template, top, left)
         for angle in self.angles:
             side, fine, coarse = self._templates(photo, angle)
-            peaks += [(sc, fine, top, left) for sc, top, left in self._coarse_peaks(side, coarse, self.pool)]
+            peaks += [(sc, fine, top, left) for sc, top, left in self._coarse_peaks(side, coarse, REFINE_POOL)]
         peaks.sort(key=lambda p: -p[0])
         refined = []
-        for _, fine, top, left in peaks[: self.pool]:
+        for _, fine, top, left in peaks[:REFINE_POOL]:
             score, t, lft = local_ncc(self.fine, fine, top, left, self.factor + 1)
             x, y = self._centre(t, lft, fine.shape[-1])
             refined.append((score, float(x), float(y)))
