@@ -110,6 +110,72 @@ def test_the_env_takes_its_candidates_from_the_photo_pixels_with_retriever_orien
     assert (core.cand_sims[:, 0] > 0.5).all() and (core.cand_sims[:, 0] >= core.cand_sims[:, 1]).all()
 
 
+@pytest.mark.parametrize("headings, turn", [(1, 0.0), (4, 90.0), (8, 45.0)])
+def test_a_photo_scores_at_its_best_candidate_what_the_matcher_gave(
+    world: tuple[np.ndarray, np.ndarray], headings: int, turn: float
+) -> None:
+    rgb, ok = world
+    xy = places(4, seed=5)
+    photos = np.stack([rotate(p, turn) for p in crop_views(rgb, xy[:, 0], xy[:, 1], V)])
+    matcher = OrientationMatcher(rgb, ok, V, 16.0, headings=headings)
+    pos, scores = matcher.query(photos, 3)
+    for photo, (x, y), best, far in zip(photos, pos[:, 0], scores[:, 0], xy[::-1], strict=True):
+        ref = matcher.reference(photo)
+        assert matcher.score(ref, x, y) == pytest.approx(best, abs=1e-9)
+        assert matcher.score(ref, x + 3, y) < best - 0.05  # it falls off the exact place
+        assert matcher.score(ref, *far) < best - 0.3  # another target's place does not match
+        assert matcher.reference(photo) is ref  # remembered
+
+
+def _inverted_scene(decoys: bool = False) -> tuple:
+    """Three targets whose photos are another "date" (reversed contrast), a memory with a pixel matcher, and a
+    NavCore in the candidates action space (no STOP: the own stop rule ends episodes)."""
+    from maprl.nav.core import NavConfig, NavCore
+    from maprl.nav.runtime import pooled_memory
+    from maprl.nav.scene import Scene
+
+    m = make_map(192, seed=4)
+    targets = grid_targets([60.0, 130.0, 100.0], [70.0, 120.0, 40.0], ["test"] * 3)
+    base = Scene.build(m, targets, 32)
+    xy = base.targets_xy
+    photos = (255 - crop_views(m.rgb, xy[:, 0], xy[:, 1], 32)).astype(np.uint8)
+    scene = base.with_photos(photos, base.space.embed_view(photos), "inverted")
+    memory = pooled_memory(scene, 4, 16.0)
+    memory.matcher = OrientationMatcher(m.rgb, scene.ok, 32, 16.0)
+    cfg = NavConfig.of(memory="retrieval", n_candidates=2, actions="candidates", success_radius=8.0, max_steps=60)
+    return scene, memory, NavCore(scene, 3, cfg, memory), xy, photos
+
+
+def test_with_pixel_candidates_the_own_similarity_is_verified_in_pixels() -> None:
+    """0 at the photo's best match, clearly negative away from it, and the own stop rule (not the encoder's
+    threshold) fires there."""
+    from maprl.nav.core import PIXEL_STOP_MARGIN
+
+    scene, memory, core, xy, photos = _inverted_scene()
+    assert core.cfg.stop_threshold == -PIXEL_STOP_MARGIN
+    cands, _ = memory.matcher.query(photos, 2)
+    core.reset_agents(np.arange(3), np.arange(3), cands[:, 0])
+    np.testing.assert_allclose(core.sim, 0.0, atol=1e-6)
+    core.reset_agents(np.arange(3), np.arange(3), xy[[1, 2, 0]])  # each agent at another target's place
+    assert (core.sim < -0.2).all()
+
+
+@pytest.mark.parametrize("decoy", [False, True])
+def test_the_scripted_search_stops_at_the_place_the_pixels_confirm(decoy: bool) -> None:
+    """Moving on through the candidates: a decoy first in the list is passed by (its view does not match the
+    photo), and the own stop rule ends the episode at the true place."""
+    scene, memory, core, xy, photos = _inverted_scene()
+    far = np.array([[20.0, 170.0], [170.0, 20.0], [20.0, 20.0]])
+    core.reset_agents(np.arange(3), np.arange(3), np.full((3, 2), 96.0), far if decoy else None)
+    done = np.zeros(3, bool)
+    for _ in range(60):
+        _, terminated, _ = core.step(np.where(done, 2, 3))  # 3 = move on; stopped agents refine in place
+        done |= terminated
+        if done.all():
+            break
+    assert done.all() and (core.distance() <= 2.0).all()
+
+
 def test_params_choose_the_retriever_and_reject_others() -> None:
     from maprl.config import ParamsError, parse_params
 

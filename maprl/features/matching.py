@@ -13,13 +13,14 @@ import functools
 import hashlib
 import math
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
 from maprl.data.perturb import rotate
-from maprl.views import window_sums
+from maprl.views import view_origin, window_sums
 
 
 def block_mean(img: np.ndarray, f: int) -> np.ndarray:
@@ -111,6 +112,19 @@ def local_ncc(image: np.ndarray, template: np.ndarray, top: int, left: int, r: i
     return float(s[i, j]), y0 + int(i), x0 + int(j)
 
 
+def _digest(photo: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(photo).tobytes(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A photo's fine orientation field at its matched heading, zero-mean per channel (``t0``), and its
+    sum of squares (``var``): what :meth:`OrientationMatcher.score` correlates with the map."""
+
+    t0: np.ndarray
+    var: float
+
+
 def inscribed_side(view: int, factor: int) -> int:
     """Side of the centred square that a view turned by any angle still covers, in whole ``factor`` blocks on
     each side (so that its coarse crop is exact)."""
@@ -120,6 +134,8 @@ def inscribed_side(view: int, factor: int) -> int:
 
 MATCH_MEMO = 100_000
 """Answers an :class:`OrientationMatcher` remembers (one per photo and ``k``)."""
+REFERENCE_MEMO = 1024
+"""Photo references (:meth:`OrientationMatcher.reference`, a fine field each) an :class:`OrientationMatcher` keeps."""
 REFINE_POOL = 8
 """Coarse peaks an :class:`OrientationMatcher` keeps per heading, and refines over all headings."""
 
@@ -162,7 +178,8 @@ class OrientationMatcher:
         sides = {view if a % 90 == 0 else inscribed_side(view, factor) for a in self.angles}
         self.coarse = {side: NCC(coarse, side // factor) for side in sorted(sides)}
         self.usable = {side: self._usable(side) for side in self.coarse}
-        self._answers: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._answers: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray, float]] = {}
+        self._refs: dict[tuple[bytes, int], Reference] = {}
 
     def _templates(self, photo: np.ndarray, angle: float) -> tuple[int, np.ndarray, np.ndarray]:
         """The photo at ``angle``: the side this heading correlates, and its fine and coarse fields cropped to it."""
@@ -203,34 +220,66 @@ class OrientationMatcher:
             s[max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1] = -np.inf
         return out
 
-    def _search(self, photo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        peaks = []  # (coarse score, fine template, top, left)
+    def _search(self, photo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """The photo's ``k`` candidates (centres, NCC) and the heading of the best one."""
+        peaks = []  # (coarse score, fine template, top, left, heading)
         for angle in self.angles:
             side, fine, coarse = self._templates(photo, angle)
-            peaks += [(sc, fine, top, left) for sc, top, left in self._coarse_peaks(side, coarse, REFINE_POOL)]
+            peaks += [(sc, fine, top, left, angle) for sc, top, left in self._coarse_peaks(side, coarse, REFINE_POOL)]
         peaks.sort(key=lambda p: -p[0])
         refined = []
-        for _, fine, top, left in peaks[:REFINE_POOL]:
+        for _, fine, top, left, angle in peaks[:REFINE_POOL]:
             score, t, lft = local_ncc(self.fine, fine, top, left, self.factor + 1)
             x, y = self._centre(t, lft, fine.shape[-1])
-            refined.append((score, float(x), float(y)))
+            refined.append((score, float(x), float(y), angle))
         refined.sort(key=lambda r: -r[0])
-        chosen: list[tuple[float, float, float]] = []
+        chosen: list[tuple[float, float, float, float]] = []
         for r in refined:
             if all(math.hypot(r[1] - c[1], r[2] - c[2]) > self.min_separation for c in chosen):
                 chosen.append(r)
-        chosen = (chosen or [(-1.0, self.ok.shape[1] / 2, self.ok.shape[0] / 2)])[:k]
+        chosen = (chosen or [(-1.0, self.ok.shape[1] / 2, self.ok.shape[0] / 2, 0.0)])[:k]
         chosen += [chosen[-1]] * (k - len(chosen))  # too few distinct places: repeat the last
-        return np.array([(c[1], c[2]) for c in chosen]), np.array([c[0] for c in chosen])
+        return np.array([(c[1], c[2]) for c in chosen]), np.array([c[0] for c in chosen]), chosen[0][3]
+
+    def _answer(self, photo: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+        key = (_digest(photo), k)
+        if key not in self._answers:
+            if len(self._answers) >= MATCH_MEMO:
+                self._answers.pop(next(iter(self._answers)))
+            self._answers[key] = self._search(photo, k)
+        return self._answers[key]
 
     def query(self, photos: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` separated candidates of each photo (N, V, V, 3): centres (N, k, 2) and NCC scores (N, k)."""
         pos, scores = np.zeros((len(photos), k, 2)), np.zeros((len(photos), k))
         for n, photo in enumerate(photos):
-            key = (hashlib.blake2b(np.ascontiguousarray(photo).tobytes(), digest_size=16).digest(), k)
-            if key not in self._answers:
-                if len(self._answers) >= MATCH_MEMO:
-                    self._answers.pop(next(iter(self._answers)))
-                self._answers[key] = self._search(photo, k)
-            pos[n], scores[n] = self._answers[key]
+            pos[n], scores[n], _ = self._answer(photo, k)
         return pos, scores
+
+    def reference(self, photo: np.ndarray, k: int = 3) -> Reference:
+        """The photo as :meth:`score` compares it with the map: its fine field at the heading of its best match
+        among ``k`` candidates (searched if not yet), zero-mean. Remembered per photo, the last ``REFERENCE_MEMO``."""
+        key = (_digest(photo), k)
+        if key not in self._refs:
+            if len(self._refs) >= REFERENCE_MEMO:
+                self._refs.pop(next(iter(self._refs)))
+            _, fine, _ = self._templates(photo, self._answer(photo, k)[2])
+            t0 = fine - fine.mean(axis=(1, 2), keepdims=True)
+            self._refs[key] = Reference(t0, float(np.sum(t0 * t0)))
+        return self._refs[key]
+
+    def score(self, ref: Reference, x: float, y: float) -> float:
+        """NCC in [-1, 1] of the photo (its :meth:`reference`) with the map's view centred at (x, y), as the
+        candidates' scores are computed: 1 is a perfect match; its best candidate scores what :meth:`query` gave."""
+        side = ref.t0.shape[-1]
+        m = (self.view - side) // 2
+        left, top = (int(v) + m for v in view_origin(x, y, self.view))
+        h, w = self.fine.shape[1:]
+        if top < 0 or left < 0 or top + side > h or left + side > w:
+            return 0.0
+        win = self.fine[:, top : top + side, left : left + side]
+        mean = win.mean(axis=(1, 2))
+        var = max(float(np.sum(win * win)) - side * side * float(np.sum(mean * mean)), 0.0)
+        if var < _FLAT * side * side or ref.var < _FLAT * side * side:  # flat: as NCC does
+            return 0.0
+        return float(np.sum(ref.t0 * win)) / math.sqrt(var * ref.var)

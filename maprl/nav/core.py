@@ -26,6 +26,16 @@ With ``agent.portable`` the observation is ``nav`` alone and every similarity in
 relative to the map's calibrated stop threshold (``sim - stop_threshold``), so that a policy
 trained on one map reads another map's evidence on the same scale.
 
+Pixel candidates (``agent.retriever: orientation``, a map memory with a matcher): the candidates'
+similarities are the matcher's NCC, and the **own similarity is verified in pixels too**: the
+orientation NCC of the current view with the photo (at the heading of the photo's best match)
+minus the best NCC the matcher found for that photo anywhere on the map. It is 0 at the best
+match and negative elsewhere, and the own stop rule fires within ``PIXEL_STOP_MARGIN`` of 0:
+"this view matches the photo as well as any place on the map". The encoder's cosine cannot
+confirm a photo of another date; this can, on any map, with no calibration (README "Candidates
+from the photo's pixels"). ``candidate_view_sim`` (map view against map view) stays the
+encoder's, relative to the encoder's threshold.
+
 Actions and STOP: see :mod:`maprl.nav.actions`. With ``env.stop_action`` the episode ends when
 the agent stops, and ``is_success`` needs the stop to be inside the success radius.
 
@@ -40,6 +50,7 @@ where the agent has been that such a search needs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from maprl.config import AgentParams, EnvParams
+from maprl.features.matching import Reference
 from maprl.features.memory import MapMemory
 from maprl.nav.actions import COMPASS, REFINE_STEP, action_space, as_actions, fly_action
 from maprl.nav.reward import reward as step_reward
@@ -133,6 +145,8 @@ class NavConfig:
         return self.retrieval and self.decoy_rate > 0
 
 
+PIXEL_STOP_MARGIN = 0.02
+"""With pixel candidates, the own stop rule fires at an NCC within this of the photo's best NCC on the map."""
 DECOY_DISTANCE_RADII = 4.0  # a decoy lies at least this many success radii from the target
 VISIT_RADII = 0.5  # an agent within this many success radii of a candidate is at it (the visited flags)
 
@@ -164,11 +178,17 @@ class NavCore:
         self.targets_xy = scene.targets_xy
         k = cfg.agent.n_candidates
         self.memory = memory if cfg.retrieval else None
-        self.pixels = self.memory is not None and self.memory.matcher is not None
+        self.matcher = self.memory.matcher if self.memory is not None else None
+        self.pixels = self.matcher is not None
+        self.view_threshold = cfg.stop_threshold  # the encoder's: candidate_view_sim compares map views
         if self.pixels:  # candidates from photo pixels: searched for a row when it first starts
             self.cands = np.zeros((len(self.targets_xy), k, 2))
             self.cand_sims = np.zeros((len(self.targets_xy), k), np.float32)
             self.matched = np.zeros(len(self.targets_xy), bool)
+            self.refs: list[Reference] = [Reference(np.zeros((2, 1, 1)), 0.0)] * n  # each agent's photo, verified
+            self.ref_rows = np.full(n, -1)  # the target row each agent's reference is of
+            cfg = dataclasses.replace(cfg, stop_threshold=-PIXEL_STOP_MARGIN)
+            self.cfg = cfg
         elif cfg.retrieval and memory is not None:
             self.cands, self.cand_sims = memory.query(self.target_embs, k)
         self.ep_cands = np.zeros((n, k, 2))  # this episode's candidates (decoy first, if any)
@@ -195,7 +215,25 @@ class NavCore:
     def _embed(self, idx: np.ndarray) -> None:
         emb = self.scene.space.embed_at(self.pos[idx, 0], self.pos[idx, 1])
         self.cur_emb[idx] = emb
-        self.sim[idx] = np.sum(emb * self.target_embs[self.rows[idx]], axis=1)
+        if self.pixels:
+            self.sim[idx] = self._verify(idx, self.pos[idx])
+        else:
+            self.sim[idx] = np.sum(emb * self.target_embs[self.rows[idx]], axis=1)
+
+    def _verify(self, idx: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The pixel own similarity of agents ``idx`` at ``pos`` (len(idx), 2): the view's NCC with the photo
+        minus the photo's best NCC on the map (module docstring)."""
+        assert self.matcher is not None
+        idx = np.asarray(idx)
+        rows = self.rows[idx]
+        self._match(rows)
+        ncc = []
+        for i, r, (x, y) in zip(idx.tolist(), rows.tolist(), pos.tolist(), strict=True):
+            if self.ref_rows[i] != r:
+                self.refs[i] = self.matcher.reference(self.scene.target_photo(r), self.cands.shape[1])
+                self.ref_rows[i] = r
+            ncc.append(self.matcher.score(self.refs[i], x, y))
+        return np.asarray(ncc, np.float32) - self.cand_sims[rows, 0]
 
     def reset_agents(
         self, idx: np.ndarray, rows: np.ndarray, starts: np.ndarray, decoys: np.ndarray | None = None
@@ -260,9 +298,21 @@ class NavCore:
     def _refine(self, idx: np.ndarray) -> np.ndarray:
         """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
         moves = COMPASS * (REFINE_STEP * self.step_px)
-        best, sim = self.scene.best_probe(self.pos[idx], self.target_embs[self.rows[idx]], moves)
+        if self.pixels:
+            best, sim = self._best_pixel_probe(idx, moves)
+        else:
+            best, sim = self.scene.best_probe(self.pos[idx], self.target_embs[self.rows[idx]], moves)
         better = sim > self.sim[idx] + 1e-6
         return np.where(better[:, None], COMPASS[best] * REFINE_STEP, 0.0)
+
+    def _best_pixel_probe(self, idx: np.ndarray, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`Scene.best_probe` with the pixel own similarity."""
+        sims = np.empty((len(idx), len(moves)))
+        for j, mv in enumerate(moves):
+            x, y = self.scene.clip(self.pos[idx, 0] + mv[0], self.pos[idx, 1] + mv[1])
+            sims[:, j] = np.where(self.scene.is_valid(x, y), self._verify(idx, np.stack([x, y], 1)), -np.inf)
+        best = np.argmax(sims, axis=1)
+        return best, sims[np.arange(len(idx)), best]
 
     def decode(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:
         """Actions of :attr:`action_space` as moves (n, 2) in action units and STOP flags (n,)."""
@@ -352,7 +402,8 @@ class NavCore:
         if a.sim_history:
             parts.append(self.sim_hist[idx] - off)
         if self.cfg.retrieval and a.candidate_view_sim:
-            parts.append(np.einsum("nkd,nd->nk", self.cand_embs[idx], self.cur_emb[idx]) - off)
+            view_off = self.view_threshold if a.portable else 0.0
+            parts.append(np.einsum("nkd,nd->nk", self.cand_embs[idx], self.cur_emb[idx]) - view_off)
         if self.cfg.retrieval and a.candidate_seen_sim:  # where to go back to once every candidate disappointed
             parts.append(np.where(self.visited[idx], self.cand_seen[idx] - off, -1.0))
         if self.cfg.env.stop_action:  # the budget left: an agent that must stop has to know when time runs out
