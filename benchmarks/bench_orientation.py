@@ -23,8 +23,8 @@ test targets. With ``--ssl`` the pipeline's own encoder (``encode_map`` and ``ph
 with the params' heading search and the encode stage's stop threshold, as the pipeline and
 ``bench_stop`` embed photos) is measured on the same photos too::
 
-    python benchmarks/bench_orientation.py                 # NAIP and Landsat, the two matchers (~1.5 min)
-    python benchmarks/bench_orientation.py --ssl           # and the pipeline's encoder (~5 min in all)
+    python benchmarks/bench_orientation.py                 # NAIP and Landsat, the two matchers (~3 min)
+    python benchmarks/bench_orientation.py --ssl           # and the pipeline's encoder (~6 min in all)
     python benchmarks/bench_orientation.py --quick         # tiny settings, a smoke test
     python benchmarks/bench_orientation.py --headings 1    # the pipeline's matcher at one heading (north-up)
 
@@ -32,6 +32,15 @@ The two dense matchers above keep the map's heading (north up) and search at ful
 pipeline's own pixel retriever (``agent.retriever: orientation``, :func:`maprl.nav.runtime.pixel_matcher`)
 is measured on the same photos too: the same correlation, coarse to fine, at the params'
 ``encoder.heading_search`` headings (it does not know the photo is north up).
+
+A second table measures **stop rules on the matcher's evidence**, on the same test photos: does
+the rule fire at the true place (``near recall``: the best NCC within the success radius, at the
+photo's matched heading, passes it) and does it fire at a wrong one (``false stops``: one of the
+matcher's 3 places beyond the radius passes it)? ``relative`` is the pipeline's own stop rule with
+pixel candidates (:data:`maprl.nav.core.PIXEL_STOP_MARGIN`: within 0.02 of the photo's best NCC
+anywhere on the map); ``absolute`` is one NCC threshold for every photo, the 0.99 quantile of the
+best wrong place's NCC over the train photos of every date (the encoder's recipe, far-view
+quantile, with the other dates' training photos in its favour).
 """
 
 from __future__ import annotations
@@ -55,15 +64,18 @@ from maprl.data.geo import read_map
 from maprl.data.splits import test_area
 from maprl.data.tile import read_domains, read_targets, run_tile
 from maprl.features.encode import encode_map, measure, photo_embeddings
-from maprl.features.matching import NCC, orientation_field
+from maprl.features.matching import NCC, OrientationMatcher, orientation_field
 from maprl.features.memory import MapMemory
 from maprl.features.photos import target_photos
 from maprl.io import write_csv
+from maprl.nav.core import PIXEL_STOP_MARGIN
 from maprl.nav.runtime import pixel_matcher
 from maprl.views import view_origin
 
 METHODS = ("gray-ncc", "orientation")
 COLUMNS = ["map", "query", "method", "top1", "top1_lo", "top1_hi", "top3", "n_targets", "ms_per_photo"]
+STOP_COLUMNS = ["map", "query", "rule", "near_recall", "false_stops", "n_targets"]
+ABSOLUTE_QUANTILE = 0.99  # the absolute rule's quantile of the train photos' best wrong NCC
 
 
 def field(rgb: np.ndarray, method: str, sigma: float) -> np.ndarray:
@@ -100,8 +112,50 @@ def row(name: str, query: str, method: str, hits1: np.ndarray, hits3: np.ndarray
     }  # fmt: skip
 
 
-def bench_map(name: str, params: Any, sigma: float, ssl: bool, work: Path) -> list[dict[str, Any]]:
-    """Fetch and tile one map in ``work``; each matcher's top-1 and top-3 on every query domain's test photos."""
+def match_evidence(
+    matcher: OrientationMatcher, photos: np.ndarray, xy: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per photo: the best NCC within ``radius`` of its truth ``xy`` (its matched heading's score at the truth,
+    or a candidate's there), the best NCC of its 3 candidates beyond ``radius``, and its best NCC."""
+    cand, scores = matcher.query(photos, 3)
+    near = np.linalg.norm(cand - xy[:, None, :], axis=2) <= radius
+    at = np.array([matcher.score(matcher.reference(p, 3), x, y) for p, (x, y) in zip(photos, xy, strict=True)])
+    truth = np.maximum(at, np.where(near, scores, -1.0).max(axis=1))
+    return truth, np.where(near, -1.0, scores).max(axis=1), scores[:, 0]
+
+
+def stop_rules(
+    name: str, matcher: OrientationMatcher, targets: pd.DataFrame, sources: dict[str, np.ndarray], view: int,
+    radius: float,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Near recall and false stops of the relative (pipeline) and an absolute NCC stop rule (module docstring)."""
+
+    def evidence(split: str, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        xy = targets.loc[targets["split"] == split, ["x", "y"]].to_numpy(float)
+        return match_evidence(matcher, target_photos(rgb, xy, view), xy, radius)
+
+    wrong = np.concatenate([evidence("train", rgb)[1] for rgb in sources.values()])
+    tau = float(np.quantile(wrong, ABSOLUTE_QUANTILE))
+    rows = []
+    for query, rgb in sources.items():
+        truth, wrong_test, best = evidence("test", rgb)
+        rules = {
+            f"relative (pipeline): NCC >= best - {PIXEL_STOP_MARGIN}": best - PIXEL_STOP_MARGIN,
+            f"absolute: NCC >= {tau:.3f}": np.full(len(best), tau),
+        }
+        for rule, threshold in rules.items():
+            rows.append({
+                "map": name, "query": query, "rule": rule, "near_recall": float(np.mean(truth >= threshold)),
+                "false_stops": float(np.mean(wrong_test >= threshold)), "n_targets": len(best),
+            })  # fmt: skip
+    return rows
+
+
+def bench_map(
+    name: str, params: Any, sigma: float, ssl: bool, work: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Fetch and tile one map in ``work``; each matcher's top-1 and top-3 on every query domain's test photos,
+    and the stop rules' rows (:func:`stop_rules`)."""
     run_fetch(params, work / "map", work / "fetch.json")
     run_tile(params, work / "map" / "map.tif", work / "targets", work / "tile.json")
     view, radius = params.tile.view_size, params.evaluate.success_radius
@@ -132,6 +186,7 @@ def bench_map(name: str, params: Any, sigma: float, ssl: bool, work: Path) -> li
         ms = 1000 * (time.perf_counter() - t0) / max(len(cand), 1)
         dist = np.linalg.norm(cand - xy[:, None, :], axis=2)
         rows.append(row(name, query, method, dist[:, 0] <= radius, (dist <= radius).any(axis=1), ms))
+    stops = stop_rules(name, matcher, targets, sources, view, radius)
     if ssl:
         forbidden = test_area(targets, (m.height, m.width), view, params.tile.block_size)
         space, _ = encode_map(params.encoder, m, view, params.base.seed, domains, forbidden)
@@ -146,7 +201,7 @@ def bench_map(name: str, params: Any, sigma: float, ssl: bool, work: Path) -> li
             rows.append(
                 row(name, query, "ssl encoder (pipeline)", dist[:, 0] <= radius, (dist <= radius).any(axis=1), ms)
             )
-    return rows
+    return rows, stops
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -156,6 +211,13 @@ def markdown(frame: pd.DataFrame) -> str:
             f"| {r.map} | {r.query} | {r.method} | {r.top1:.3f} [{r.top1_lo:.3f}, {r.top1_hi:.3f}] | {r.top3:.3f} | "
             f"{r.n_targets} | {r.ms_per_photo:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def stop_markdown(frame: pd.DataFrame) -> str:
+    lines = ["| map | photos | stop rule | near recall | false stops | n |", "|" + "---|" * 6]
+    for r in frame.itertuples(index=False):
+        lines.append(f"| {r.map} | {r.query} | {r.rule} | {r.near_recall:.3f} | {r.false_stops:.3f} | {r.n_targets} |")
     return "\n".join(lines)
 
 
@@ -184,11 +246,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         overrides.setdefault("encoder", {})["heading_search"] = args.headings
     base = yaml.safe_load(args.params.read_text())
     rows: list[dict[str, Any]] = []
+    stops: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for name in args.maps:
         params = map_params(base, name, args.data, overrides)
         with tempfile.TemporaryDirectory(prefix=f"bench_orientation_{name}_") as work:
-            rows.extend(bench_map(name, params, args.sigma, args.ssl, Path(work)))
+            found, rules = bench_map(name, params, args.sigma, args.ssl, Path(work))
+            rows.extend(found)
+            stops.extend(rules)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     t = params.tile
     print(
@@ -198,6 +263,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     )
     print()
     print(markdown(frame))
+    print()
+    print(stop_markdown(pd.DataFrame(stops, columns=STOP_COLUMNS)))
     if args.out is not None:
         write_csv(args.out, frame)
     return frame

@@ -86,7 +86,8 @@ def test_bench_map_on_a_tiny_geotiff(tmp_path: Path) -> None:
         paths.append(path)
     base = yaml.safe_load((bench_stop.REPO / "params.yaml").read_text())
     params = bench_stop.make_params(base, paths[0], {"later": paths[1]}, copy.deepcopy(bench_stop.QUICK))
-    frame = pd.DataFrame(bo.bench_map("tiny", params, 1.0, False, tmp_path / "work"), columns=bo.COLUMNS)
+    rows, stops = bo.bench_map("tiny", params, 1.0, False, tmp_path / "work")
+    frame = pd.DataFrame(rows, columns=bo.COLUMNS)
     pipeline = frame["method"].iat[-1]
     assert pipeline.startswith("orientation matcher (agent.retriever;")
     assert list(frame["method"]) == ["gray-ncc", "gray-ncc", "orientation", "orientation", pipeline, pipeline]
@@ -97,3 +98,8 @@ def test_bench_map_on_a_tiny_geotiff(tmp_path: Path) -> None:
     assert by.loc[(pipeline, "later"), "top1"] > by.loc[("gray-ncc", "later"), "top1"]
     assert (frame["top3"] >= frame["top1"]).all() and (frame["n_targets"] > 0).all()
     assert "| tiny | later | orientation |" in bo.markdown(frame)
+    rules = pd.DataFrame(stops, columns=bo.STOP_COLUMNS).set_index(["query", "rule"])
+    relative = next(r for r in rules.index.get_level_values("rule") if r.startswith("relative"))
+    assert rules.loc[("same", relative), "near_recall"] == 1.0 and rules.loc[("same", relative), "false_stops"] == 0.0
+    assert rules["near_recall"].between(0, 1).all() and rules["false_stops"].between(0, 1).all()
+    assert len(rules) == 4 and "| tiny | later | relative" in bo.stop_markdown(rules.reset_index())
