@@ -3,7 +3,10 @@ candidate source (``agent.retriever: orientation``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from maprl.data.perturb import rotate
@@ -174,6 +177,25 @@ def test_the_scripted_search_stops_at_the_place_the_pixels_confirm(decoy: bool) 
         if done.all():
             break
     assert done.all() and (core.distance() <= 2.0).all()
+
+
+def test_the_scripted_search_baseline_stops_on_the_first_right_candidate_with_pixel_candidates() -> None:
+    """Flying with continuous actions, a step often ends within the visited radius of a candidate but off
+    it, where a pixel-verified similarity is far below its peak: the scripted search must fly on to the
+    candidate itself, so that without decoys it stops where retrieve-then-fly does, on the same path."""
+    from maprl.eval.baselines import RetrieveThenFly
+    from maprl.eval.episodes import evaluate_methods, make_episodes
+
+    scene, memory, core, _, _ = _inverted_scene()
+    cfg = dataclasses.replace(core.cfg, env=core.cfg.env.model_copy(update={"actions": "continuous"}))
+    cfg = dataclasses.replace(cfg, stop_threshold=0.98, success_radius=16.0)  # visited within 8 px
+    episodes = make_episodes(scene, "test", 24, seed=1)
+    methods = {"fly": RetrieveThenFly, "search": lambda: RetrieveThenFly(search=True)}
+    df, _ = evaluate_methods(scene, memory, cfg, methods, episodes, record_paths=False)
+    by = {m: d.reset_index(drop=True) for m, d in df.groupby("method")}
+    assert by["fly"]["success"].all() and by["fly"]["stopped"].all()
+    pd.testing.assert_series_equal(by["search"]["path_length_px"], by["fly"]["path_length_px"])
+    assert by["search"]["stopped"].all()
 
 
 def test_params_choose_the_retriever_and_reject_others() -> None:

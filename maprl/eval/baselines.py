@@ -176,20 +176,35 @@ class RetrieveThenFly:
     It reads the episode's candidate list from the env (``NavCore.ep_cands``), so under the
     decoy stress test it sees exactly what the agent sees. With ``search`` it is the scripted
     search: it visits the candidates in rank order until its own stop rule fires, and after
-    the last returns to the candidate whose view was most similar to the target.
+    the last returns to the candidate whose view was most similar to the target. It visits a
+    candidate by flying onto it (within ``ARRIVED_PX``), not by passing within the visited
+    flags' half success radius: a pixel-verified similarity (``agent.retriever: orientation``)
+    peaks only on the place, and the ``candidates`` actions land there too.
     """
+
+    ARRIVED_PX = 0.5
 
     def __init__(self, search: bool = False) -> None:
         self.search = search
+        self.goal = np.zeros(0, np.int64)  # each agent's candidate now flown to
+        self.landed = np.zeros((0, 0), bool)  # (n, k): the candidates each agent has flown onto this episode
 
     def reset(self, venv: NavVecEnv) -> None:
         if not venv.cfg.retrieval:
             raise ValueError("retrieve-then-fly needs an env with memory: retrieval")
+        self.goal = np.zeros(venv.core.n, np.int64)
+        self.landed = np.zeros(venv.core.visited.shape, bool)
 
     def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
-        core = venv.core
-        k = core.next_candidate() if self.search else np.zeros(core.n, np.int64)
-        return fly_action(core.pos, core.ep_cands[np.arange(core.n), k], core.step_px)
+        core, rows = venv.core, np.arange(venv.core.n)
+        if self.search:
+            fresh = core.steps == 0
+            self.goal[fresh], self.landed[fresh] = 0, False
+            on = np.hypot(*(core.ep_cands[rows, self.goal] - core.pos).T) <= self.ARRIVED_PX
+            self.landed[rows[on], self.goal[on]] = True
+            after = np.where(self.landed.all(axis=1), core.cand_seen.argmax(axis=1), (~self.landed).argmax(axis=1))
+            self.goal = np.where(on, after, self.goal)
+        return fly_action(core.pos, core.ep_cands[rows, self.goal], core.step_px)
 
 
 class TemplateMatcher:
