@@ -91,9 +91,9 @@ def test_bad_settings_name_the_limits(world: tuple[np.ndarray, np.ndarray]) -> N
         OrientationMatcher(rgb, ok, V, 16.0, headings=0)
 
 
-def test_the_env_takes_its_candidates_from_the_photo_pixels_with_retriever_orientation() -> None:
-    """A photo from another "date" (reversed contrast): the encoder's memory may miss it, the pixel
-    retriever puts its place first, and the candidates' similarities are the matcher's scores."""
+def _inverted_scene() -> tuple:
+    """Three targets whose photos are another "date" (reversed contrast), a memory with a pixel matcher, and a
+    NavCore in the candidates action space (no STOP: the own stop rule ends episodes)."""
     from maprl.nav.core import NavConfig, NavCore
     from maprl.nav.runtime import pooled_memory
     from maprl.nav.scene import Scene
@@ -106,7 +106,14 @@ def test_the_env_takes_its_candidates_from_the_photo_pixels_with_retriever_orien
     scene = base.with_photos(photos, base.space.embed_view(photos), "inverted")
     memory = pooled_memory(scene, 4, 16.0)
     memory.matcher = OrientationMatcher(m.rgb, scene.ok, 32, 16.0)
-    core = NavCore(scene, 3, NavConfig.of(memory="retrieval", n_candidates=2), memory)
+    cfg = NavConfig.of(memory="retrieval", n_candidates=2, actions="candidates", success_radius=8.0, max_steps=60)
+    return scene, memory, NavCore(scene, 3, cfg, memory), xy, photos
+
+
+def test_the_env_takes_its_candidates_from_the_photo_pixels_with_retriever_orientation() -> None:
+    """A photo from another "date" (reversed contrast): the encoder's memory may miss it, the pixel
+    retriever puts its place first, and the candidates' similarities are the matcher's scores."""
+    _, memory, core, xy, photos = _inverted_scene()
     core.reset_agents(np.arange(3), np.arange(3), np.full((3, 2), 96.0))
     assert found(core.ep_cands, xy).all()
     np.testing.assert_allclose(core.cand_sims, memory.matcher.query(photos, 2)[1], rtol=1e-6)
@@ -128,25 +135,6 @@ def test_a_photo_scores_at_its_best_candidate_what_the_matcher_gave(
         assert matcher.score(ref, x + 3, y) < best - 0.05  # it falls off the exact place
         assert matcher.score(ref, *far) < best - 0.3  # another target's place does not match
         assert matcher.reference(photo) is ref  # remembered
-
-
-def _inverted_scene(decoys: bool = False) -> tuple:
-    """Three targets whose photos are another "date" (reversed contrast), a memory with a pixel matcher, and a
-    NavCore in the candidates action space (no STOP: the own stop rule ends episodes)."""
-    from maprl.nav.core import NavConfig, NavCore
-    from maprl.nav.runtime import pooled_memory
-    from maprl.nav.scene import Scene
-
-    m = make_map(192, seed=4)
-    targets = grid_targets([60.0, 130.0, 100.0], [70.0, 120.0, 40.0], ["test"] * 3)
-    base = Scene.build(m, targets, 32)
-    xy = base.targets_xy
-    photos = (255 - crop_views(m.rgb, xy[:, 0], xy[:, 1], 32)).astype(np.uint8)
-    scene = base.with_photos(photos, base.space.embed_view(photos), "inverted")
-    memory = pooled_memory(scene, 4, 16.0)
-    memory.matcher = OrientationMatcher(m.rgb, scene.ok, 32, 16.0)
-    cfg = NavConfig.of(memory="retrieval", n_candidates=2, actions="candidates", success_radius=8.0, max_steps=60)
-    return scene, memory, NavCore(scene, 3, cfg, memory), xy, photos
 
 
 def test_with_pixel_candidates_the_own_similarity_is_verified_in_pixels() -> None:
