@@ -163,7 +163,9 @@ class GreedyHillClimb:
     def act(self, obs: dict[str, np.ndarray], venv: NavVecEnv) -> np.ndarray:
         target = obs["target"]
         current = np.sum(obs["current"] * target, axis=1)
-        best, sim = venv.scene.best_probe(venv.core.pos, target, self.moves * venv.core.step_px)
+        best, sim = venv.scene.best_probe(
+            venv.core.pos, self.moves * venv.core.step_px, venv.scene.embedding_sims(target)
+        )
         better = sim > current + 1e-6
         random = self.rng.uniform(-1.0, 1.0, (venv.num_envs, 2))
         return np.where(better[:, None], self.moves[best], random).astype(np.float32)

@@ -63,7 +63,7 @@ from maprl.features.memory import MapMemory
 from maprl.nav.actions import COMPASS, REFINE_STEP, action_space, as_actions, fly_action
 from maprl.nav.reward import reward as step_reward
 from maprl.nav.reward import stop_reward
-from maprl.nav.scene import Scene
+from maprl.nav.scene import ProbeSims, Scene
 
 
 @dataclass(frozen=True)
@@ -258,11 +258,11 @@ class NavCore:
     def _match(self, rows: np.ndarray) -> None:
         """Pixel candidates of the target rows not yet searched, with the matcher's scores as their
         similarities (NCC in [-1, 1], shown as they are: not relative to the encoder's stop threshold)."""
-        todo = np.unique(rows[~self.matched[rows]]) if self.pixels else rows[:0]
-        if self.memory is None or self.memory.matcher is None or len(todo) == 0:
+        todo = np.unique(rows[~self.matched[rows]]) if self.matcher is not None else rows[:0]
+        if self.matcher is None or len(todo) == 0:
             return
         photos = np.stack([self.scene.target_photo(int(r)) for r in todo])
-        self.cands[todo], self.cand_sims[todo] = self.memory.matcher.query(photos, self.cands.shape[1])
+        self.cands[todo], self.cand_sims[todo] = self.matcher.query(photos, self.cands.shape[1])
         self.matched[todo] = True
 
     def _set_candidates(self, idx: np.ndarray, rows: np.ndarray, decoys: np.ndarray | None) -> None:
@@ -298,21 +298,19 @@ class NavCore:
     def _refine(self, idx: np.ndarray) -> np.ndarray:
         """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
         moves = COMPASS * (REFINE_STEP * self.step_px)
-        if self.pixels:
-            best, sim = self._best_pixel_probe(idx, moves)
-        else:
-            best, sim = self.scene.best_probe(self.pos[idx], self.target_embs[self.rows[idx]], moves)
+        targets = self.target_embs[self.rows[idx]]
+        sims_at = self._pixel_sims(idx) if self.pixels else self.scene.embedding_sims(targets)
+        best, sim = self.scene.best_probe(self.pos[idx], moves, sims_at)
         better = sim > self.sim[idx] + 1e-6
         return np.where(better[:, None], COMPASS[best] * REFINE_STEP, 0.0)
 
-    def _best_pixel_probe(self, idx: np.ndarray, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`Scene.best_probe` with the pixel own similarity."""
-        sims = np.empty((len(idx), len(moves)))
-        for j, mv in enumerate(moves):
-            x, y = self.scene.clip(self.pos[idx, 0] + mv[0], self.pos[idx, 1] + mv[1])
-            sims[:, j] = np.where(self.scene.is_valid(x, y), self._verify(idx, np.stack([x, y], 1)), -np.inf)
-        best = np.argmax(sims, axis=1)
-        return best, sims[np.arange(len(idx)), best]
+    def _pixel_sims(self, idx: np.ndarray) -> ProbeSims:
+        """:meth:`Scene.best_probe`'s similarity with pixel candidates: the own similarity of agents ``idx``."""
+
+        def sims(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+            return np.stack([self._verify(idx, np.stack([xs[:, j], ys[:, j]], 1)) for j in range(xs.shape[1])], 1)
+
+        return sims
 
     def decode(self, actions: Any) -> tuple[np.ndarray, np.ndarray]:
         """Actions of :attr:`action_space` as moves (n, 2) in action units and STOP flags (n,)."""

@@ -7,6 +7,7 @@ per-env memory stays small and a step is only a feature lookup.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,9 @@ import pandas as pd
 from maprl.data.geo import MapData
 from maprl.features.spaces import FeatureSpace, make_feature_space
 from maprl.views import crop_views, valid_centres, view_origin
+
+ProbeSims = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Probe centres xs, ys (n, M) -> the similarity of each agent's target to the view there (n, M)."""
 
 
 @dataclass
@@ -71,18 +75,28 @@ class Scene:
         """Whether the views centred at (xs, ys) lie wholly on valid imagery."""
         return self._lookup(self.ok, xs, ys)
 
-    def best_probe(self, pos: np.ndarray, targets: np.ndarray, moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def best_probe(self, pos: np.ndarray, moves: np.ndarray, sims_at: ProbeSims) -> tuple[np.ndarray, np.ndarray]:
         """For each of n agents at ``pos`` (n, 2): which of ``moves`` (M, 2, pixels) leads to the view most
-        similar to its target embedding (``targets``, (n, D)), and that similarity (-inf where every
-        probe's view leaves the valid imagery). Moves are clipped to the map."""
+        similar to its target by ``sims_at`` (probe centres xs, ys, each (n, M), to similarities (n, M);
+        :meth:`embedding_sims` for the feature space's), and that similarity (-inf where every probe's
+        view leaves the valid imagery). Moves are clipped to the map."""
         n, m = len(pos), len(moves)
         cand = pos[:, None, :] + moves[None]  # (n, M, 2)
         cx, cy = self.clip(cand[..., 0].ravel(), cand[..., 1].ravel())
-        emb = self.space.embed_at(cx, cy).reshape(n, m, -1)
-        sims = np.einsum("nmd,nd->nm", emb, targets)
+        sims = sims_at(cx.reshape(n, m), cy.reshape(n, m))
         sims[~self.is_valid(cx, cy).reshape(n, m)] = -np.inf
         best = np.argmax(sims, axis=1)
         return best, sims[np.arange(n), best]
+
+    def embedding_sims(self, targets: np.ndarray) -> ProbeSims:
+        """:meth:`best_probe`'s similarity in the feature space: each agent's target embedding (``targets``,
+        (n, D)) against the cached view at each probe."""
+
+        def sims(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+            emb = self.space.embed_at(xs.ravel(), ys.ravel()).reshape(*xs.shape, -1)
+            return np.einsum("nmd,nd->nm", emb, targets)
+
+        return sims
 
     def move(self, xs: np.ndarray, ys: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Apply a move, clip it to the map, and stay put where the new view would hold more than
