@@ -3,10 +3,14 @@
 Usage (after `dvc repro`, from the repository root):
     python benchmarks/trace_episodes.py --split test_autumn --episodes 28,33,34
     python benchmarks/trace_episodes.py --agent search --split test_autumn --lost-to retrieve_then_fly
+    python benchmarks/trace_episodes.py --policy /tmp/bench_search/seed2/policy.zip --lost-to retrieve_then_fly
 
 ``--lost-to METHOD`` picks the episodes of ``data/eval/episodes.csv`` that METHOD won and the agent
-lost. Each episode is flown again with the pipeline's policy (``models/<agent>/policy.zip``) on the
-evaluate stage's own fixed episodes, and the table gives, per episode: the rank of the retrieval
+lost. Each episode is flown again with the pipeline's policy (``models/<agent>/policy.zip``, or
+``--policy``: another training seed's, as ``bench_search.py --out`` keeps them) on the evaluate
+stage's own fixed episodes; with ``--policy`` the agent's outcomes are not in episodes.csv, so
+``--lost-to`` flies every episode METHOD won and keeps those the policy lost. The table gives,
+per episode: and the table gives, per episode: the rank of the retrieval
 candidate that lies within the success radius of the target (``-`` if none does); whether the
 agent's path came within the radius, and the best similarity of its view to the photo there; and
 where it ended: the candidate it stopped at (``-`` if none), that view's similarity and its distance
@@ -38,8 +42,11 @@ def split_episodes(rt: Runtime, params: Params, split: str) -> pd.DataFrame:
     return eps[eps["split"] == split]
 
 
-def trace(rt: Runtime, params: Params, agent: str, split: str, episodes: list[int]) -> pd.DataFrame:
-    """One row per episode: the truth's candidate rank, the closest pass, and the stop."""
+def trace(
+    rt: Runtime, params: Params, agent: str, split: str, episodes: list[int], policy: str | None = None
+) -> pd.DataFrame:
+    """One row per episode: the truth's candidate rank, the closest pass, and the stop. ``policy``
+    (default: the pipeline's ``models/<agent>/policy.zip``) is the policy flown."""
     eps = split_episodes(rt, params, split)
     eps = eps[eps["episode"].isin(episodes)]
     if len(eps) != len(set(episodes)):
@@ -49,7 +56,7 @@ def trace(rt: Runtime, params: Params, agent: str, split: str, episodes: list[in
     scene = rt.scene if domain == "same" else rt.domain_scene(domain)
     ap = agent_variant(params, agent)
     cfg = nav_config(ap, rt, max_steps=ap.evaluate.max_steps, shaping=0.0)
-    model = load_policy(f"models/{agent}/policy.zip", ap.train.algo)
+    model = load_policy(policy or f"models/{agent}/policy.zip", ap.train.algo)
     df, paths = evaluate_methods(scene, rt.memory, cfg, {agent: functools.partial(AgentController, model)}, eps)
     if rt.memory is None:
         raise SystemExit("no map memory to draw candidates from (agent.memory: none)")
@@ -91,6 +98,7 @@ def main() -> None:
     ap.add_argument("--split", default="test_autumn", help="train | test | test_decoy | test_<domain> (default)")
     ap.add_argument("--episodes", default=None, help="comma-separated episode numbers")
     ap.add_argument("--lost-to", default=None, help="the episodes this method won and the agent lost")
+    ap.add_argument("--policy", default=None, help="policy.zip to fly (default: models/<agent>/policy.zip)")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
     if (args.episodes is None) == (args.lost_to is None):
@@ -102,13 +110,19 @@ def main() -> None:
         done = done[done["split"] == args.split]
         won = done.pivot_table(index="episode", columns="method", values="success")
         row = f"agent_{args.agent}" if args.agent != "memory" else "agent"
-        episodes = won.index[(won[args.lost_to] == 1) & (won[row] == 0)].tolist()
-        print(f"{len(episodes)} episodes of {args.split} that {args.lost_to} won and {row} lost: {episodes}")
+        agent_lost = won[row] == 0 if args.policy is None else True
+        episodes = won.index[(won[args.lost_to] == 1) & agent_lost].tolist()
+        if args.policy is None:
+            print(f"{len(episodes)} episodes of {args.split} that {args.lost_to} won and {row} lost: {episodes}")
         if not episodes:
             return
     params = load_params(args.params)
     rt = load_runtime(params, "data/map/map.tif", "data/targets/targets.csv", "data/features")
-    print(trace(rt, params, args.agent, args.split, episodes).to_markdown(index=False))
+    rows = trace(rt, params, args.agent, args.split, episodes, args.policy)
+    if args.policy is not None and args.lost_to is not None:
+        rows = rows[~rows["success"]]
+        print(f"{len(rows)} episodes of {args.split} that {args.lost_to} won and {args.policy} lost")
+    print(rows.to_markdown(index=False))
 
 
 if __name__ == "__main__":
