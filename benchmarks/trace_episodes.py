@@ -9,12 +9,12 @@ Usage (after `dvc repro`, from the repository root):
 lost. Each episode is flown again with the pipeline's policy (``models/<agent>/policy.zip``, or
 ``--policy``: another training seed's, as ``bench_search.py --out`` keeps them) on the evaluate
 stage's own fixed episodes; with ``--policy`` the agent's outcomes are not in episodes.csv, so
-``--lost-to`` flies every episode METHOD won and keeps those the policy lost. The table gives,
-per episode: and the table gives, per episode: the rank of the retrieval
-candidate that lies within the success radius of the target (``-`` if none does); whether the
-agent's path came within the radius, and the best similarity of its view to the photo there; and
-where it ended: the candidate it stopped at (``-`` if none), that view's similarity and its distance
-to the target. Similarities are the cosine of the embeddings, as the agent and the stop rule see them.
+``--lost-to`` flies every episode METHOD won and keeps those the policy lost. The table gives, per
+episode: the rank of the retrieval candidate that lies within the success radius of the target
+(``-`` if none does); whether the agent's path came within the radius, and the best similarity of
+its view to the photo there; and where it ended: the candidate it stopped at (``-`` if none), that
+view's similarity and its distance to the target. Similarities are the cosine of the embeddings, as
+the agent and the stop rule see them.
 """
 
 from __future__ import annotations
