@@ -67,10 +67,11 @@ class NCC:
         v = self.v
         t0 = template - (template.mean() if template.ndim == 2 else template.mean(axis=(1, 2), keepdims=True))
         rows, cols = self.var.shape
-        num = _channel_sum(
-            sfft.irfft2(spec * np.conj(sfft.rfft2(t, self.shape)), self.shape)[:rows, :cols]
+        cross = _channel_sum(  # the channels' spectra summed: one inverse FFT (the transform is linear)
+            spec * np.conj(sfft.rfft2(t, self.shape))
             for spec, t in zip(self.specs, t0[None] if t0.ndim == 2 else t0, strict=True)
         )
+        num = sfft.irfft2(cross, self.shape)[:rows, :cols]
         t_var = float(np.sum(t0 * t0))
         flat = (self.var < _FLAT * v * v) | (t_var < _FLAT * v * v)  # under half a grey level of spread
         return np.where(flat, 0.0, num / np.sqrt(np.maximum(self.var * t_var, 1e-12)))
@@ -180,6 +181,7 @@ class OrientationMatcher:
         self.usable = {side: self._usable(side) for side in self.coarse}
         self._answers: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray, float]] = {}
         self._refs: dict[tuple[bytes, int], Reference] = {}
+        self._fine_var: dict[int, np.ndarray] = {}  # per crop side: the fine field's window variance, for score
 
     def _templates(self, photo: np.ndarray, angle: float) -> tuple[int, np.ndarray, np.ndarray]:
         """The photo at ``angle``: the side this heading correlates, and its fine and coarse fields cropped to it."""
@@ -277,9 +279,10 @@ class OrientationMatcher:
         h, w = self.fine.shape[1:]
         if top < 0 or left < 0 or top + side > h or left + side > w:
             return 0.0
-        win = self.fine[:, top : top + side, left : left + side]
-        mean = win.mean(axis=(1, 2))
-        var = max(float(np.sum(win * win)) - side * side * float(np.sum(mean * mean)), 0.0)
+        if side not in self._fine_var:  # the map's window variances once per side, from summed-area tables
+            self._fine_var[side] = _channel_sum(_window_var(c, side) for c in self.fine)
+        var = float(self._fine_var[side][top, left])
         if var < _FLAT * side * side or ref.var < _FLAT * side * side:  # flat: as NCC does
             return 0.0
-        return float(np.sum(ref.t0 * win)) / math.sqrt(var * ref.var)
+        win = self.fine[:, top : top + side, left : left + side]
+        return float(np.einsum("cij,cij->", ref.t0, win)) / math.sqrt(var * ref.var)  # t0 is zero-mean
