@@ -172,6 +172,11 @@ class EnvParams(_Section):
     stop_penalty: float = Field(
         10.0, ge=0, le=1e6, description="stop_action: reward lost by stopping outside the success radius (training)."
     )
+    stop_at_best: bool = Field(
+        True,
+        description="candidates with stop_action: STOP is refused where a visited candidate matched the photo better "
+        "(the agent flies back there instead); ignored by the other action spaces.",
+    )
 
 
 class EncoderParams(_Section):

@@ -185,6 +185,34 @@ def test_seen_similarity_is_the_best_match_at_each_visited_candidate(scene: Scen
     assert e.core.visited[0].all()  # every candidate's entry was checked against a real visit
 
 
+@pytest.mark.parametrize("at_best", [False, True])
+def test_stop_at_best_refuses_stop_where_a_visited_candidate_matched_better(
+    scene: Scene, memory: MapMemory, at_best: bool
+) -> None:
+    k = 3
+    stop = k + 2
+    ends = {}
+    for refuse in (False, True):
+        cfg = config("candidates", True, action_step=0.2, max_steps=40, stop_at_best=refuse)
+        e = env(scene, memory, cfg)
+        e.reset(options={"target_id": int(scene.targets["id"][2]), "start": (20.0, 110.0)})
+        while not e.core.visited[0].all():
+            e.step(k + 1)
+        seen = e.core.cand_seen[0]
+        assert seen.max() > seen.min()  # the candidates match the photo differently
+        go = int(seen.argmax() if at_best else seen.argmin())
+        while not e.core.at_candidates()[0, go]:
+            e.step(go)
+        _, _, term, _, info = e.step(stop)
+        ends[refuse] = term
+        if refuse and not at_best:  # refused: it flies back towards the best-matching candidate instead
+            assert not info["stopped"]
+            while not e.core.at_candidates()[0, int(seen.argmax())]:
+                assert not e.step(stop)[2]
+            assert e.step(stop)[2]
+    assert ends == {False: True, True: at_best}
+
+
 def test_refine_never_lowers_the_similarity(scene: Scene, memory: MapMemory) -> None:
     cfg = config("candidates", False, action_step=0.2)
     e = env(scene, memory, cfg)

@@ -37,7 +37,11 @@ from the photo's pixels"). ``candidate_view_sim`` (map view against map view) st
 encoder's, relative to the encoder's threshold.
 
 Actions and STOP: see :mod:`maprl.nav.actions`. With ``env.stop_action`` the episode ends when
-the agent stops, and ``is_success`` needs the stop to be inside the success radius.
+the agent stops, and ``is_success`` needs the stop to be inside the success radius. With candidate
+actions and ``env.stop_at_best``, STOP is refused where a candidate visited this episode matched
+the photo better than the current view does (and the agent is not at it): the step flies back
+to that candidate instead, where a STOP is then taken. A policy cannot end an episode at a place it
+has itself seen beaten (README "An agent that searches and stops").
 
 Decoys (``decoy_rate``): a stress test of the map memory. In that share of episodes the top
 retrieval candidate is replaced by a *decoy*, a place at least ``DECOY_DISTANCE_RADII``
@@ -295,6 +299,14 @@ class NavCore:
         unvisited = ~self.visited
         return np.where(unvisited.any(axis=1), unvisited.argmax(axis=1), self.cand_seen.argmax(axis=1))
 
+    def _better_seen(self) -> np.ndarray:
+        """(n,) whether a visited candidate matched the photo better than the current view, and the agent is
+        not at that candidate (``env.stop_at_best`` refuses STOP then)."""
+        best = self.cand_seen.argmax(axis=1)
+        rows = np.arange(self.n)
+        at_best = self.at_candidates()[rows, best]
+        return (self.cand_seen[rows, best] > self.sim) & ~at_best
+
     def _refine(self, idx: np.ndarray) -> np.ndarray:
         """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
         moves = COMPASS * (REFINE_STEP * self.step_px)
@@ -327,6 +339,11 @@ class NavCore:
         pick, on = a < k, a == k + 1
         goal[pick] = self.ep_cands[rows[pick], a[pick]]
         goal[on] = self.ep_cands[rows[on], self.next_candidate()[on]]
+        if stop_action and self.cfg.env.stop_at_best:
+            back = stop & self._better_seen()
+            stop &= ~back
+            goal[back] = self.ep_cands[rows[back], self.cand_seen[back].argmax(axis=1)]
+            on |= back  # a refused STOP flies back to the best-matching candidate seen, as "move on" there does
         move = fly_action(self.pos, goal, self.step_px).astype(np.float64)
         # a flight that would end within the visit radius short of its candidate lands on it: else the
         # candidate counts as visited with a view up to half a success radius off, whose similarity can be
