@@ -175,7 +175,8 @@ class EnvParams(_Section):
     stop_at_best: bool = Field(
         True,
         description="candidates with stop_action: STOP is refused where a visited candidate matched the photo better "
-        "(the agent flies back there instead); ignored by the other action spaces.",
+        "(the agent flies back there instead), and 'move on' at the best candidate with all visited ends the search "
+        "there; ignored by the other action spaces.",
     )
 
 

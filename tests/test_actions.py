@@ -213,6 +213,25 @@ def test_stop_at_best_refuses_stop_where_a_visited_candidate_matched_better(
     assert ends == {False: True, True: at_best}
 
 
+def test_stop_at_best_ends_the_search_when_move_on_has_nowhere_left_to_go(scene: Scene, memory: MapMemory) -> None:
+    k = 3
+    for ends in (False, True):
+        cfg = config("candidates", True, action_step=0.2, max_steps=60, stop_at_best=ends)
+        e = env(scene, memory, cfg)
+        e.reset(options={"target_id": int(scene.targets["id"][2]), "start": (20.0, 110.0)})
+        stopped = []
+        for _ in range(40):
+            _, _, term, trunc, info = e.step(k + 1)  # move on, and on
+            stopped.append(info["stopped"])
+            if term or trunc:
+                break
+        assert e.core.visited[0].all()
+        if ends:  # at the best-matching candidate, after the visits, and only there
+            assert stopped[-1] and not any(stopped[:-1]) and e.core.at_candidates()[0, e.core.cand_seen[0].argmax()]
+        else:
+            assert not any(stopped)
+
+
 def test_refine_never_lowers_the_similarity(scene: Scene, memory: MapMemory) -> None:
     cfg = config("candidates", False, action_step=0.2)
     e = env(scene, memory, cfg)

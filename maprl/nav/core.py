@@ -40,8 +40,10 @@ Actions and STOP: see :mod:`maprl.nav.actions`. With ``env.stop_action`` the epi
 the agent stops, and ``is_success`` needs the stop to be inside the success radius. With candidate
 actions and ``env.stop_at_best``, STOP is refused where a candidate visited this episode matched
 the photo better than the current view does (and the agent is not at it): the step flies back
-to that candidate instead, where a STOP is then taken. A policy cannot end an episode at a place it
-has itself seen beaten (README "An agent that searches and stops").
+to that candidate instead, where a STOP is then taken; and "move on" with every candidate
+visited, at the best-matching one, has nowhere left to go: it ends the search there, as STOP.
+A policy cannot end an episode at a place it has itself seen beaten, nor circle at the best one
+until its budget runs out (README "An agent that searches and stops").
 
 Decoys (``decoy_rate``): a stress test of the map memory. In that share of episodes the top
 retrieval candidate is replaced by a *decoy*, a place at least ``DECOY_DISTANCE_RADII``
@@ -307,6 +309,11 @@ class NavCore:
         at_best = self.at_candidates()[rows, best]
         return (self.cand_seen[rows, best] > self.sim) & ~at_best
 
+    def _searched(self) -> np.ndarray:
+        """(n,) whether every candidate has been visited and the agent is at the best-matching one."""
+        rows = np.arange(self.n)
+        return self.visited.all(axis=1) & self.at_candidates()[rows, self.cand_seen.argmax(axis=1)]
+
     def _refine(self, idx: np.ndarray) -> np.ndarray:
         """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
         moves = COMPASS * (REFINE_STEP * self.step_px)
@@ -341,9 +348,10 @@ class NavCore:
         goal[on] = self.ep_cands[rows[on], self.next_candidate()[on]]
         if stop_action and self.cfg.env.stop_at_best:
             back = stop & self._better_seen()
-            stop &= ~back
+            ends = on & self._searched()  # "move on" with nowhere left to go: the search ends at the best seen
+            stop = (stop & ~back) | ends
             goal[back] = self.ep_cands[rows[back], self.cand_seen[back].argmax(axis=1)]
-            on |= back  # a refused STOP flies back to the best-matching candidate seen, as "move on" there does
+            on = (on | back) & ~ends  # a refused STOP flies back to the best-matching candidate seen
         move = fly_action(self.pos, goal, self.step_px).astype(np.float64)
         # a flight that would end within the visit radius short of its candidate lands on it: else the
         # candidate counts as visited with a view up to half a success radius off, whose similarity can be
