@@ -301,18 +301,9 @@ class NavCore:
         unvisited = ~self.visited
         return np.where(unvisited.any(axis=1), unvisited.argmax(axis=1), self.cand_seen.argmax(axis=1))
 
-    def _better_seen(self) -> np.ndarray:
-        """(n,) whether a visited candidate matched the photo better than the current view, and the agent is
-        not at that candidate (``env.stop_at_best`` refuses STOP then)."""
-        best = self.cand_seen.argmax(axis=1)
-        rows = np.arange(self.n)
-        at_best = self.at_candidates()[rows, best]
-        return (self.cand_seen[rows, best] > self.sim) & ~at_best
-
-    def _searched(self) -> np.ndarray:
-        """(n,) whether every candidate has been visited and the agent is at the best-matching one."""
-        rows = np.arange(self.n)
-        return self.visited.all(axis=1) & self.at_candidates()[rows, self.cand_seen.argmax(axis=1)]
+    def _at_best_seen(self) -> np.ndarray:
+        """(n,) whether each agent is at the candidate that has matched its photo best this episode."""
+        return self.at_candidates()[np.arange(self.n), self.cand_seen.argmax(axis=1)]
 
     def _refine(self, idx: np.ndarray) -> np.ndarray:
         """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
@@ -347,8 +338,9 @@ class NavCore:
         goal[pick] = self.ep_cands[rows[pick], a[pick]]
         goal[on] = self.ep_cands[rows[on], self.next_candidate()[on]]
         if stop_action and self.cfg.env.stop_at_best:
-            back = stop & self._better_seen()
-            ends = on & self._searched()  # "move on" with nowhere left to go: the search ends at the best seen
+            at_best = self._at_best_seen()
+            back = stop & (self.cand_seen.max(axis=1) > self.sim) & ~at_best  # a better place was seen elsewhere
+            ends = on & self.visited.all(axis=1) & at_best  # "move on" with nowhere left to go: the search ends
             stop = (stop & ~back) | ends
             goal[back] = self.ep_cands[rows[back], self.cand_seen[back].argmax(axis=1)]
             on = (on | back) & ~ends  # a refused STOP flies back to the best-matching candidate seen
