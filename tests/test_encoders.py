@@ -207,6 +207,17 @@ def test_same_seed_same_cache(small_map: MapData, nature_space: EncoderFeatures)
     assert not np.array_equal(other.grid, nature_space.grid)
 
 
+def test_embed_at_reads_the_float32_copy_as_the_float16_grid(
+    nature_space: EncoderFeatures, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(4)
+    xs, ys = rng.uniform(0, nature_space.xs[-1] + 9, 64), rng.uniform(-5, nature_space.ys[-1], 64)
+    assert nature_space.grid.dtype == np.float16 and nature_space._lookup.dtype == np.float32
+    fast = nature_space.embed_at(xs, ys)
+    monkeypatch.setattr(nature_space, "_lookup", nature_space.grid)
+    assert np.array_equal(fast, nature_space.embed_at(xs, ys))
+
+
 def test_ssl_is_deterministic(small_map: MapData) -> None:
     p = EncoderParams(**SSL, ssl_steps=3, ssl_batch_size=8)
     runs = []

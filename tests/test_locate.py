@@ -285,3 +285,20 @@ def test_locate_on_a_map_in_degrees_measures_true_metres(tmp_path: Path) -> None
         d = np.hypot((a.pixel_x - r.pixel_x) * mx, (a.pixel_y - r.pixel_y) * my)
         assert a.distance_m == pytest.approx(d, rel=0.02)
     _check_rfc7946(loc.geojson([r]))
+
+
+def test_heading_search_reusing_quarter_turns_embeds_as_turning_each_angle(
+    locator: Locator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """embed_photos turns 45 degrees once and quarter-turns it for 135, 225 and 315: bit for bit the same result."""
+    import maprl.features.photos as photos_mod
+
+    rt, rgb = locator.rt, locator.rt.scene.map.rgb
+    places = [(60, 70, 135), (180, 120, 300), (130, 200, 0)]
+    photos = np.stack([rotate(_crop(rgb, x, y, VIEW), a) for x, y, a in places])
+    reused = photos_mod.embed_photos(rt.scene.space, rt.memory, photos, 8)
+    monkeypatch.setattr(photos_mod, "quarter_turns", lambda angle: None)
+    direct = photos_mod.embed_photos(rt.scene.space, rt.memory, photos, 8)
+    for field in ("embeddings", "heading_deg", "top_similarity"):
+        assert np.array_equal(getattr(reused, field), getattr(direct, field))
+    assert set(reused.heading_deg) - {0.0, 90.0, 180.0, 270.0}  # a diagonal heading won: the reuse was exercised

@@ -10,7 +10,9 @@ from maprl.data.perturb import (
     crop_centre,
     perturb,
     perturb_params,
+    quarter_turns,
     random_perturbation,
+    rotate,
 )
 
 from conftest import textured_rgb
@@ -108,6 +110,21 @@ def test_params_follow_the_table() -> None:
 def test_rotation_matches_rot90(img: np.ndarray, angle: float) -> None:
     out = perturb(img, "rotation", 0.5, np.random.default_rng(0), params={"angle_deg": angle})
     assert np.array_equal(out, np.rot90(img, k=round(angle / 90)))
+
+
+@pytest.mark.parametrize("angle", [135.0, 225.0, 315.0, -45.0, 112.5, 292.5])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_quarter_turns_split_is_bit_identical(img: np.ndarray, angle: float, dtype: type) -> None:
+    split = quarter_turns(angle)
+    assert split is not None and 0 < split[0] < 90 and split[1] == int(angle % 360 // 90)
+    x = img.astype(dtype) if dtype == np.uint8 else img.astype(np.float32) * 0.37
+    assert np.array_equal(rotate(x, angle), np.rot90(rotate(x, split[0]), split[1]))
+
+
+@pytest.mark.parametrize("angle", [0.0, 90.0, 30.0, 60.0])
+def test_quarter_turns_of_a_quarter_or_base_angle(angle: float) -> None:
+    split = quarter_turns(angle)
+    assert split is None if angle % 90 == 0 else split == (angle, 0)
 
 
 def test_rotation_reports_the_heading(img: np.ndarray) -> None:

@@ -195,10 +195,14 @@ def _warp(x: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rotation(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarray:
-    a = math.radians(p["angle_deg"])
+def _turn_matrix(angle_deg: float) -> np.ndarray:
+    a = math.radians(angle_deg)
     c, s = math.cos(a), math.sin(a)
-    return _warp(x, np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]))
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _rotation(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarray:
+    return _warp(x, _turn_matrix(p["angle_deg"]))
 
 
 def rotate(img: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -207,6 +211,22 @@ def rotate(img: np.ndarray, angle_deg: float) -> np.ndarray:
     if float(quarter).is_integer():
         return np.ascontiguousarray(np.rot90(img, int(quarter) % 4))
     return _rotation(img, {"angle_deg": float(angle_deg)}, np.random.default_rng(0))
+
+
+def quarter_turns(angle_deg: float) -> tuple[float, int] | None:
+    """``(base, k)`` such that, on a square image, ``rotate(img, angle_deg)`` is ``np.rot90(rotate(img, base), k)``
+    bit for bit; None where no such split is exact.
+
+    :func:`_warp` samples at coordinates computed in float32 from the turn's matrix, so the split is
+    exact when the float32 matrix of ``angle_deg`` is the float32 matrix of ``base`` (in ``(0, 90)``)
+    turned by ``k`` quarter turns: each output pixel then samples the same input point.
+    """
+    base, k = float(angle_deg) % 90.0, int(float(angle_deg) // 90.0) % 4
+    if base == 0.0:
+        return None  # rotate is already a quarter turn
+    quarter = np.array([[0.0, -1.0], [1.0, 0.0]], np.float32)  # entries 0 and ±1: the products below are exact
+    turned = np.linalg.matrix_power(quarter, k) @ _turn_matrix(base)[:2, :2].astype(np.float32)
+    return (base, k) if np.array_equal(_turn_matrix(angle_deg)[:2, :2].astype(np.float32), turned) else None
 
 
 def _scale(x: np.ndarray, p: Params, rng: np.random.Generator) -> np.ndarray:

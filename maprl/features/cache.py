@@ -59,6 +59,7 @@ _BATCH = 64
 TILE = 4096  # map pixels: the trunk runs on tiles about this large (the default 2048 px map is one)
 STRIP_NODES = 16384  # grid nodes pooled at a time (the default 2048 px map's 13225 are one strip)
 FIT_NODES = 65536  # the projection is fitted on at most this many valid nodes (a fixed random subset)
+LOOKUP_FLOAT32_BYTES = 2**29  # grids up to this size as float32 are also kept as float32 for embed_at (exact)
 WHITEN_REG = 1e-3  # eigenvalue floor of the whitening, relative to the largest
 DEFAULT_BORDER = {"mobilenet_v2": 0, "nature_cnn": 2, "impala_cnn": 2}  # cells; see Pooling
 
@@ -340,14 +341,18 @@ class MapSpace(FeatureSpace, Protocol):
 
 
 def _bilinear(grid: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
-    """Bilinear interpolation of a (ny, nx, D) grid at fractional node coords, renormalised."""
+    """Bilinear interpolation of a (ny, nx, D) grid (float16 or float32) at fractional node coords, renormalised."""
     ny, nx = grid.shape[:2]
     fy, fx = np.clip(fy, 0, ny - 1), np.clip(fx, 0, nx - 1)
     y0, x0 = np.floor(fy).astype(np.int64), np.floor(fx).astype(np.int64)
     y1, x1 = np.minimum(y0 + 1, ny - 1), np.minimum(x0 + 1, nx - 1)
     wy, wx = (fy - y0)[:, None].astype(np.float32), (fx - x0)[:, None].astype(np.float32)
-    top = grid[y0, x0].astype(np.float32) * (1 - wx) + grid[y0, x1].astype(np.float32) * wx
-    bottom = grid[y1, x0].astype(np.float32) * (1 - wx) + grid[y1, x1].astype(np.float32) * wx
+
+    def node(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return grid[r, c].astype(np.float32, copy=False)
+
+    top = node(y0, x0) * (1 - wx) + node(y0, x1) * wx
+    bottom = node(y1, x0) * (1 - wx) + node(y1, x1) * wx
     return unit(top * (1 - wy) + bottom * wy)
 
 
@@ -371,6 +376,8 @@ class EncoderFeatures:
     ) -> None:
         self.encoder = encoder.eval()
         self.grid = grid  # (ny, nx, D) float16 unit vectors
+        # embed_at reads a float32 copy where it is small: the same values (float16 -> 32 is exact), half the time
+        self._lookup = grid.astype(np.float32) if grid.size * 4 <= LOOKUP_FLOAT32_BYTES else grid
         self.node_ok = node_ok  # (ny, nx) bool: the node's view lies on valid imagery
         self.projection, self.pooling = projection, pooling
         self.xs, self.ys = axes
@@ -416,7 +423,7 @@ class EncoderFeatures:
     def embed_at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         fx = (np.atleast_1d(np.asarray(xs, float)) - self.xs[0]) / self.stride
         fy = (np.atleast_1d(np.asarray(ys, float)) - self.ys[0]) / self.stride
-        return _bilinear(self.grid, fy, fx)
+        return _bilinear(self._lookup, fy, fx)
 
     def grid_positions(self) -> np.ndarray:
         """(G, 2) float (x, y) centres of the valid grid nodes."""

@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from maprl.data.perturb import context_side, crop_centre, perturb, perturb_params, random_perturbation, rotate
+from maprl.data.perturb import (
+    context_side,
+    crop_centre,
+    perturb,
+    perturb_params,
+    quarter_turns,
+    random_perturbation,
+    rotate,
+)
 from maprl.errors import InputError
 from maprl.features.memory import MapMemory
 from maprl.features.spaces import FeatureSpace
@@ -88,6 +96,20 @@ def headings(n: int) -> np.ndarray:
     return np.arange(n) * (360.0 / n)
 
 
+def _turned(photos: np.ndarray, angle: float, done: dict[float, np.ndarray]) -> np.ndarray:
+    """(N, V, V, 3) ``photos`` turned by ``angle``. A quarter turn of a turn in ``done`` (of the same photos) is
+    reused where that is bit-identical (:func:`~maprl.data.perturb.quarter_turns`); turns under 90 degrees go there."""
+    if angle == 0:
+        return photos
+    split = quarter_turns(angle) if photos.shape[1] == photos.shape[2] else None
+    if split is not None and split[0] in done:
+        return np.ascontiguousarray(np.rot90(done[split[0]], split[1], axes=(1, 2)))
+    turned = np.stack([rotate(p, angle) for p in photos])
+    if 0.0 < angle % 360.0 < 90.0:
+        done[angle % 360.0] = turned
+    return turned
+
+
 def embed_photos(
     space: FeatureSpace, memory: MapMemory | None, photos: np.ndarray, n_headings: int = 1, batch: int = 64,
     accept: float | None = None,
@@ -107,9 +129,9 @@ def embed_photos(
     best_sim = np.full(n, -np.inf)
     best_angle = np.zeros(n)
     todo = np.arange(n)
+    done: dict[float, np.ndarray] = {}  # turns of photos[todo] that a later quarter turn can reuse
     for angle in angles:
-        sub = photos[todo]
-        turned = sub if angle == 0 else np.stack([rotate(p, float(angle)) for p in sub])
+        turned = _turned(photos[todo], float(angle), done)
         emb = np.concatenate([space.embed_view(turned[i : i + batch]) for i in range(0, len(todo), batch)])
         sim = memory.best_similarity(emb) if memory is not None else np.full(len(todo), np.inf)
         better = sim > best_sim[todo]
@@ -117,6 +139,7 @@ def embed_photos(
         best_emb[rows], best_sim[rows], best_angle[rows] = emb[better], sim[better], angle
         if angle == 0 and accept is not None:
             todo = todo[best_sim[todo] < accept]
+            done.clear()
         if len(todo) == 0:
             break
     top = best_sim if memory is not None else np.full(n, np.nan)
