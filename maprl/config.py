@@ -575,6 +575,12 @@ class EvaluateParams(_Section):
         le=1,
         description="Decoy stress test (split test_decoy): share of episodes with a decoy; 0 skips.",
     )
+    workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Processes the episodes and calibration answers run in (results do not depend on it).",
+    )
 
 
 PERTURBATIONS = (

@@ -88,10 +88,11 @@ def test_dvc_repro_on_tiny_params(tmp_path: Path) -> None:
     assert _lock_outs(repo) == lock
     assert (repo / "metrics" / "timing" / "train-memory.json").exists()
 
-    # the agents, robustness cells and grid seeds ran in 2 processes; in one, every byte is the same
-    one = ["-S", "train.workers=1", "-S", "robustness.workers=1", "-S", "grid.workers=1"]
+    # the agents, evaluate parts, robustness cells and grid seeds ran in 2 processes; in one, every byte is the same
+    one = ["-S", "train.workers=1", "-S", "evaluate.workers=1", "-S", "robustness.workers=1", "-S", "grid.workers=1"]
     exp = _run(["dvc", "exp", "run", *one], repo)
     assert "Running stage 'train'" in exp and "Running stage 'robustness'" in exp and "Running stage 'tune'" not in exp
+    assert "Running stage 'evaluate'" in exp
     assert {p.name: p.read_bytes() for p in (repo / "metrics").glob("*.json")} == metrics
     assert _lock_outs(repo) == lock
 

@@ -226,9 +226,40 @@ def summarise_confidence(df: pd.DataFrame, abstain_below: float, bins: int) -> d
     }
 
 
-def fit_split(rt: Runtime) -> str:
-    """The split calibration is fitted on: ``val`` (held out of training), else ``train``; never ``test``."""
-    return "val" if (rt.scene.targets["split"] == "val").any() else "train"
+def fit_split(rt: Runtime, *, say: bool = False) -> str:
+    """The split calibration is fitted on: ``val`` (held out of training), else ``train``; never ``test``.
+    With ``say``, a fit on ``train`` is announced."""
+    split = "val" if (rt.scene.targets["split"] == "val").any() else "train"
+    if say and split != "val":
+        print("evaluate: no validation targets (train.val_fraction 0): confidence is fitted on the train split")
+    return split
+
+
+def locate_methods(policy: str | Path | None) -> list[str]:
+    """The locate methods that get a calibrator: every one with a ``policy``, else ``retrieve_then_fly`` only."""
+    return [m for m in LOCATE_METHODS if policy is not None or m != "agent"]
+
+
+def split_answers(params: Params, rt: Runtime, split: str, policy: str | Path | None) -> pd.DataFrame:
+    """Every locate method's answers to ``split``'s calibration queries (column ``split``), method by method."""
+    q = calibration_queries(rt, split, params.base.seed, params.locate.calibration_strength)
+    emb = embed_aligned(rt, q.photos, None)  # shared by the methods
+    frames = [answer_queries(params, rt, q, emb, m, policy).assign(split=split) for m in locate_methods(policy)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def fit_calibrators(fit: pd.DataFrame, test: pd.DataFrame) -> tuple[dict[str, Calibrator], pd.DataFrame]:
+    """Per method: a calibrator fitted on its ``fit`` answers; every answer (``fit`` then ``test``, method by
+    method) with its ``confidence``. The answers come from :func:`split_answers`."""
+    calibrators, frames = {}, []
+    for method in pd.unique(fit["method"]):
+        mine = [d[d["method"] == method].reset_index(drop=True) for d in (fit, test)]
+        cal = fit_calibrator(mine[0][list(EVIDENCE)].to_numpy(), mine[0]["success"].to_numpy())
+        calibrators[str(method)] = cal
+        for df in mine:
+            df["confidence"] = cal(df[list(EVIDENCE)].to_numpy())
+            frames.append(df)
+    return calibrators, pd.concat(frames, ignore_index=True)
 
 
 def calibrate_methods(
@@ -238,26 +269,10 @@ def calibrate_methods(
 
     Returns the calibrators and every answer (column ``split``: the fitting split or ``test``)
     with its ``confidence``. Without a ``policy``, only ``retrieve_then_fly`` is calibrated.
+    The ``evaluate`` stage runs the two :func:`split_answers` in its worker processes.
     """
-    lp, seed = params.locate, params.base.seed
-    fit_on = fit_split(rt)
-    if fit_on != "val":
-        print("evaluate: no validation targets (train.val_fraction 0): confidence is fitted on the train split")
-    sets = {s: calibration_queries(rt, s, seed, lp.calibration_strength) for s in (fit_on, "test")}
-    embedded = {s: embed_aligned(rt, q.photos, None) for s, q in sets.items()}  # shared by the methods
-    methods = [m for m in LOCATE_METHODS if policy is not None or m != "agent"]
-    calibrators, frames = {}, []
-    for method in methods:
-        answers = {
-            s: answer_queries(params, rt, q, embedded[s], method, policy).assign(split=s) for s, q in sets.items()
-        }
-        fit = answers[fit_on]
-        cal = fit_calibrator(fit[list(EVIDENCE)].to_numpy(), fit["success"].to_numpy())
-        calibrators[method] = cal
-        for df in answers.values():
-            df["confidence"] = cal(df[list(EVIDENCE)].to_numpy())
-            frames.append(df)
-    return calibrators, pd.concat(frames, ignore_index=True)
+    fit_on = fit_split(rt, say=True)
+    return fit_calibrators(split_answers(params, rt, fit_on, policy), split_answers(params, rt, "test", policy))
 
 
 CALIBRATION_FILE = "calibration.json"

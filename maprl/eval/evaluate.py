@@ -28,10 +28,11 @@ from maprl.eval.baselines import default_baselines
 from maprl.eval.calibration import (
     CALIBRATION_FILE,
     Calibrator,
-    calibrate_methods,
+    fit_calibrators,
     fit_split,
     reliability_table,
     save_calibration,
+    split_answers,
     summarise_confidence,
 )
 from maprl.eval.episodes import (
@@ -43,10 +44,12 @@ from maprl.eval.episodes import (
     run_episodes,
 )
 from maprl.eval.metrics import HEADLINE, distance_table, methods_table, metrics_dict, summarise, texture_table
+from maprl.features.nets import configure_torch
 from maprl.io import atomic_path, staged_dir, write_csv, write_json
 from maprl.nav.core import NavConfig
 from maprl.nav.runtime import Runtime, load_runtime, nav_config
 from maprl.nav.scene import Scene
+from maprl.parallel import ordered_map
 
 AGENT_ROWS = {
     "memory": HEADLINE,
@@ -272,6 +275,33 @@ def write_calibration(
     }  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class _PartState:
+    """What each independent part of the stage reads: the params, the runtime and the agents' policy paths."""
+
+    params: Params
+    rt: Runtime
+    policies: Mapping[str, str | Path]
+
+
+def _load_part_state(
+    params: Params, map_path: str | Path, targets_path: str | Path, features_dir: str | Path,
+    policies: Mapping[str, str | Path], threads: int,
+) -> _PartState:  # fmt: skip
+    """A worker's state (its own runtime, ``threads`` torch threads)."""
+    rt = load_runtime(params, map_path, targets_path, features_dir)
+    configure_torch(threads)
+    return _PartState(params, rt, dict(policies))
+
+
+def _run_part(state: _PartState, part: str) -> Any:
+    """``episodes``: :func:`evaluate_all`; ``answers:<split>``: the locate methods' answers to that split's
+    calibration queries (:func:`~maprl.eval.calibration.split_answers`)."""
+    if part == "episodes":
+        return evaluate_all(state.params, state.rt, state.policies)
+    return split_answers(state.params, state.rt, part.removeprefix("answers:"), state.policies.get("memory"))
+
+
 def run_evaluate(
     params: Params,
     map_path: str | Path,
@@ -286,18 +316,30 @@ def run_evaluate(
 
     With ``locate_metrics_path``, it also calibrates the confidence of ``maprl locate``
     (:mod:`maprl.eval.calibration`, with the ``memory`` policy) and writes its figures there.
+    The episodes and the two calibration answer sets run in ``evaluate.workers`` processes; each
+    draws from its own seeded generators, so the outputs do not depend on the number of workers.
     """
     unknown = sorted(set(policies) - set(AGENTS))
     if unknown:
         raise InputError(f"unknown agent(s) {', '.join(unknown)}; agents are {', '.join(AGENTS)}")
     rt = load_runtime(params, map_path, targets_path, features_dir)
-    df, paths = evaluate_all(params, rt, policies)
+    parts = ["episodes"]
+    if locate_metrics_path is not None:
+        fit_on = fit_split(rt, say=True)
+        parts += [f"answers:{fit_on}", "answers:test"]
+    state = _PartState(params, rt, dict(policies))
+    load_args = (params, map_path, targets_path, features_dir, dict(policies), 1)
+    results = ordered_map(
+        _run_part, parts, params.evaluate.workers, local=state, setup=_load_part_state, setup_args=load_args,
+        desc="evaluate", unit="part",
+    )  # fmt: skip
+    df, paths = results[0]
     locate: dict[str, Any] = {}
 
     def extra(out: Path) -> None:
         _write_saliency(out, params, rt, policies, df)
         if locate_metrics_path is not None:
-            calibrators, answers = calibrate_methods(params, rt, policies.get("memory"))
+            calibrators, answers = fit_calibrators(results[1], results[2])
             locate.update(write_calibration(out, params, rt, calibrators, answers))
 
     metrics = write_outputs(
