@@ -279,20 +279,6 @@ def test_local_norm_undoes_per_channel_gain_and_offset() -> None:
     assert not torch.allclose(LocalNorm(6.0)(x), x, atol=0.1)
 
 
-@pytest.mark.parametrize("shape", [(48, 48), (37, 64), (112, 112)])
-def test_local_norm_blur_products_match_the_convolution(
-    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import maprl.features.nets as nets
-
-    x = torch.from_numpy(np.random.default_rng(1).normal(size=(2, 3, *shape)).astype(np.float32))
-    norm = LocalNorm(9.0)  # radius 27: beyond the edges of the smaller inputs
-    products = norm(x)
-    monkeypatch.setattr(nets, "MATMUL_BLUR_SIDE", 0)  # every side now takes the convolution
-    assert torch.allclose(products, norm(x), atol=1e-5)
-    assert torch.allclose(norm.blur_matrix(shape[1]).sum(dim=1), torch.ones(shape[1]), atol=1e-6)
-
-
 def test_local_norm_encoder_survives_save_and_load(tmp_path: Path, small_map: MapData) -> None:
     space = make_space(EncoderParams(**{**NATURE, "local_norm": 0.125}), small_map, VIEW, seed=0)
     assert space.encoder.local_norm == 0.125 * 64

@@ -57,12 +57,6 @@ class Encoder(nn.Module):
         return self.trunk(x).mean(dim=(2, 3))
 
 
-MATMUL_BLUR_SIDE = 512
-"""Largest input side that :class:`LocalNorm` blurs by two matrix products; larger inputs (the map's tiles) use
-a depthwise convolution. At 112 px the products take a seventh of the convolution's time (BLAS) and agree with
-it to 1e-6; at large sides their cost grows with the side and the convolution's does not."""
-
-
 class LocalNorm(nn.Module):
     """Local standardisation per channel: ``(x - G*x) / sqrt(G*(x - G*x)^2 + eps^2)``, G a Gaussian of
     ``sigma`` input pixels (separable, edges replicated). No weights: a fixed first layer."""
@@ -74,24 +68,8 @@ class LocalNorm(nn.Module):
         k = torch.exp(-0.5 * (t / sigma) ** 2)
         self.kernel = (k / k.sum()).view(1, 1, 1, -1)  # a plain attribute: not in the state dict
         self.radius, self.eps = radius, eps
-        self._matrices: dict[int, torch.Tensor] = {}  # side -> its blur matrix (plain attributes too)
-
-    def blur_matrix(self, n: int) -> torch.Tensor:
-        """(n, n) matrix of the 1-D blur of n pixels with replicated edges: ``B @ v`` is the blurred ``v``.
-        Row i holds the kernel's taps at the pixels they read (the edge pixel sums the taps beyond it)."""
-        if n not in self._matrices:
-            r, taps = self.radius, self.kernel.flatten().double().numpy()
-            cols = np.clip(np.arange(n)[:, None] + np.arange(-r, r + 1)[None, :], 0, n - 1)
-            m = np.zeros((n, n))
-            np.add.at(m, (np.repeat(np.arange(n), 2 * r + 1), cols.ravel()), np.tile(taps, n))
-            self._matrices[n] = torch.from_numpy(m.astype(np.float32))
-        return self._matrices[n]
 
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if max(h, w) <= MATMUL_BLUR_SIDE:
-            bh, bw = self.blur_matrix(h).to(x.device), self.blur_matrix(w).to(x.device)
-            return bh @ x @ bw.T
         c, r = x.shape[1], self.radius
         kx = self.kernel.expand(c, 1, 1, -1)
         x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=c)
