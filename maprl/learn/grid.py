@@ -401,13 +401,10 @@ def run_grid(
 ) -> dict[str, Any]:
     """The ``grid`` stage: every setting of ``grid.settings``; returns the metrics written to ``metrics_path``."""
     t0 = time.perf_counter()
-    # the patches are embedded with the encoder's threads (inference: the same bytes with any count),
-    # the agents train with grid.torch_threads (training's bytes depend on it)
-    configure_torch(params.encoder.torch_threads)
+    configure_torch(params.grid.torch_threads)
     m = read_map(map_path)
     space = load_space(features_dir, m)
     plans = [plan_setting(params, s, m, space) for s in params.grid.settings]
-    configure_torch(params.grid.torch_threads)
     jobs = [job for plan in plans for job in plan.jobs]  # every seed of every setting in one pool
     t_train = time.perf_counter()
     success = ordered_map(train_and_evaluate, jobs, params.grid.workers, desc="grid", unit="seed")
