@@ -596,7 +596,7 @@ class RobustnessParams(_Section):
     kinds: list[Literal[PERTURBATIONS]] = Field(  # type: ignore[valid-type]
         list(PERTURBATIONS), description="Perturbations to sweep."
     )
-    strengths: list[float] = Field([0.25, 0.5, 1.0], description="Strengths in (0, 1] (0.5 is 'moderate').")
+    strengths: list[float] = Field([0.5, 1.0], description="Strengths in (0, 1] (0.5 is 'moderate', 0.25 mild).")
     episodes: int = Field(50, ge=1, le=100_000, description="Fixed test episodes per cell.")
     action_scales: list[float] = Field([0.5, 0.75, 1.25, 1.5], description="Dynamics sweep: action scale factors.")
     action_noise: list[float] = Field([0.1, 0.3, 0.5], description="Dynamics sweep: Gaussian action noise sigmas.")

@@ -329,6 +329,9 @@ def run_evaluate(
         parts += [f"answers:{fit_on}", "answers:test"]
     state = _PartState(params, rt, dict(policies))
     load_args = (params, map_path, targets_path, features_dir, dict(policies), 1)
+    # a part runs with one torch thread, in a worker or (evaluate.workers 1) here: embeddings of small
+    # inputs are not the same bytes with 1 and 2 threads (the e2e test's tiny params showed it)
+    configure_torch(1)
     results = ordered_map(
         _run_part, parts, params.evaluate.workers, local=state, setup=_load_part_state, setup_args=load_args,
         desc="evaluate", unit="part",
