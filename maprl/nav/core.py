@@ -301,9 +301,9 @@ class NavCore:
         unvisited = ~self.visited
         return np.where(unvisited.any(axis=1), unvisited.argmax(axis=1), self.cand_seen.argmax(axis=1))
 
-    def _at_best_seen(self) -> np.ndarray:
-        """(n,) whether each agent is at the candidate that has matched its photo best this episode."""
-        return self.at_candidates()[np.arange(self.n), self.cand_seen.argmax(axis=1)]
+    def _at_best_seen(self, best: np.ndarray) -> np.ndarray:
+        """(n,) whether each agent is at its candidate ``best`` (the one that has matched its photo best so far)."""
+        return self.at_candidates()[np.arange(self.n), best]
 
     def _refine(self, idx: np.ndarray) -> np.ndarray:
         """Moves (len(idx), 2) to the best of 8 probes a quarter step away, or none if no probe is better."""
@@ -338,11 +338,12 @@ class NavCore:
         goal[pick] = self.ep_cands[rows[pick], a[pick]]
         goal[on] = self.ep_cands[rows[on], self.next_candidate()[on]]
         if stop_action and self.cfg.env.stop_at_best:
-            at_best = self._at_best_seen()
+            best = self.cand_seen.argmax(axis=1)
+            at_best = self._at_best_seen(best)
             back = stop & (self.cand_seen.max(axis=1) > self.sim) & ~at_best  # a better place was seen elsewhere
             ends = on & self.visited.all(axis=1) & at_best  # "move on" with nowhere left to go: the search ends
             stop = (stop & ~back) | ends
-            goal[back] = self.ep_cands[rows[back], self.cand_seen[back].argmax(axis=1)]
+            goal[back] = self.ep_cands[rows[back], best[back]]
             on = (on | back) & ~ends  # a refused STOP flies back to the best-matching candidate seen
         move = fly_action(self.pos, goal, self.step_px).astype(np.float64)
         # a flight that would end within the visit radius short of its candidate lands on it: else the
